@@ -1,0 +1,227 @@
+"""Settings and source entities: luigi.cfg holds the defaults, CDC_* environment variables win.
+
+Secrets never travel as Luigi parameters (luigid would show them): tasks call `settings()` at run
+time instead. A secret can also come from a file named by `<VAR>_FILE` (Docker/K8s secrets).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pipeline.warehouse.base import check_name
+
+SECTION = "cdc"
+ENTITY_PREFIX = "entity."
+
+# setting name in [cdc] -> environment variable that overrides it (the documented contract)
+ENV_VARS: dict[str, str] = {
+    "mongo_uri": "CDC_MONGO_URI",
+    "mongo_db": "CDC_MONGO_DB",
+    "postgres_dsn": "CDC_POSTGRES_DSN",
+    "staging_url": "CDC_STAGING_URL",
+    "s3_endpoint": "CDC_S3_ENDPOINT",
+    "s3_access_key": "CDC_S3_ACCESS_KEY",
+    "s3_secret_key": "CDC_S3_SECRET_KEY",
+    "s3_secure": "CDC_S3_SECURE",
+    "warehouse_url": "CDC_WAREHOUSE_URL",
+    "database": "CDC_DATABASE",
+}
+
+DEFAULTS: dict[str, str] = {
+    "mongo_uri": "mongodb://127.0.0.1:27017",
+    "mongo_db": "source",
+    "postgres_dsn": "postgresql://postgres@127.0.0.1:5434/source",
+    "staging_url": "s3://cdc-staging/",
+    "s3_endpoint": "127.0.0.1:9004",
+    "s3_access_key": "minioadmin",
+    "s3_secret_key": "minioadmin",
+    "s3_secure": "false",
+    "warehouse_url": "clickhouse://default:@127.0.0.1:9000",
+    "database": "data_pipeline",
+    "lookback_minutes": "10",
+    "batch_rows": "50000",
+    "part_rows": "500000",
+    "delete_guard": "0.2",
+}
+
+STRATEGIES = ("check", "timestamp")
+HARD_DELETES = ("ignore", "invalidate", "new_record")
+SOURCES = ("mongo", "postgres")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the section and key."""
+
+
+@dataclass(frozen=True)
+class Entity:
+    """One source collection/table and how its history is kept (a dbt snapshot's config)."""
+
+    name: str
+    source: str
+    object_name: str  # MongoDB collection, or PostgreSQL "schema.table"
+    unique_key: tuple[str, ...]
+    strategy: str
+    check_cols: tuple[str, ...] | None = None  # None means "all"
+    updated_at: str | None = None
+    hard_deletes: str = "ignore"
+    mode: str = "full"  # "full" scan or "incremental" on updated_at
+    delete_guard: float = 0.2
+
+    @property
+    def raw_table(self) -> str:
+        return f"raw_{self.name}"
+
+    @property
+    def snapshot_table(self) -> str:
+        return f"{self.name}_snapshot"
+
+    @property
+    def incremental(self) -> bool:
+        return self.mode == "incremental"
+
+
+@dataclass(frozen=True)
+class Settings:
+    mongo_uri: str
+    mongo_db: str
+    postgres_dsn: str
+    staging_url: str
+    s3_endpoint: str
+    s3_access_key: str
+    s3_secret_key: str = field(repr=False)
+    s3_secure: bool
+    warehouse_url: str = field(repr=False)
+    database: str
+    lookback_minutes: float
+    batch_rows: int
+    part_rows: int
+    entities: tuple[Entity, ...]
+
+    def entity(self, name: str) -> Entity:
+        for entity in self.entities:
+            if entity.name == name:
+                return entity
+        known = ", ".join(e.name for e in self.entities)
+        raise ConfigError(f"unknown entity {name!r}; luigi.cfg declares: {known}")
+
+
+def _env(name: str) -> str | None:
+    """An environment variable, or the content of the file its `_FILE` twin names."""
+    if name in os.environ:
+        return os.environ[name]
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        return Path(path).read_text().strip()
+    return None
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in re.split(r"[,\s]+", value) if part.strip())
+
+
+def _parse_entity(name: str, options: dict[str, str], delete_guard: float) -> Entity:
+    where = f"[{ENTITY_PREFIX}{name}]"
+    check_name(name, f"entity name in {where}")
+
+    def need(key: str) -> str:
+        if not options.get(key):
+            raise ConfigError(f"{where}: '{key}' is required")
+        return options[key]
+
+    source = need("source")
+    if source not in SOURCES:
+        raise ConfigError(f"{where}: source must be one of {SOURCES}, got {source!r}")
+    object_name = options.get("collection" if source == "mongo" else "table") or name
+    strategy = options.get("strategy", "check")
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"{where}: strategy must be one of {STRATEGIES}, got {strategy!r}")
+    check_cols_raw = options.get("check_cols", "all")
+    check_cols = None if check_cols_raw.strip() == "all" else _split(check_cols_raw)
+    updated_at = options.get("updated_at") or None
+    if strategy == "timestamp" and not updated_at:
+        raise ConfigError(f"{where}: strategy = timestamp needs 'updated_at'")
+    hard_deletes = options.get("hard_deletes", "ignore")
+    if hard_deletes not in HARD_DELETES:
+        raise ConfigError(f"{where}: hard_deletes must be one of {HARD_DELETES}")
+    default_mode = "incremental" if source == "postgres" and updated_at else "full"
+    mode = options.get("mode", default_mode)
+    if mode not in ("full", "incremental"):
+        raise ConfigError(f"{where}: mode must be full or incremental, got {mode!r}")
+    if mode == "incremental" and (source != "postgres" or not updated_at):
+        raise ConfigError(f"{where}: mode = incremental needs a postgres table and 'updated_at'")
+    return Entity(
+        name=name,
+        source=source,
+        object_name=object_name,
+        unique_key=_split(need("unique_key")),
+        strategy=strategy,
+        check_cols=check_cols,
+        updated_at=updated_at,
+        hard_deletes=hard_deletes,
+        mode=mode,
+        delete_guard=float(options.get("delete_guard", delete_guard)),
+    )
+
+
+def load_settings(config_path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read luigi.cfg (or `config_path`) and the environment into validated Settings."""
+    import configparser
+
+    if config_path is not None:
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read(config_path)
+    else:
+        from luigi.configuration import get_config
+
+        parser = get_config()
+    section = dict(parser.items(SECTION)) if parser.has_section(SECTION) else {}
+    values = {**DEFAULTS, **section}
+    for key, var in ENV_VARS.items():
+        override = _env(var)
+        if override is not None:
+            values[key] = override
+    delete_guard = float(values["delete_guard"])
+    entities = tuple(
+        _parse_entity(s.removeprefix(ENTITY_PREFIX), dict(parser.items(s)), delete_guard)
+        for s in parser.sections()
+        if s.startswith(ENTITY_PREFIX)
+    )
+    if not entities:
+        raise ConfigError(f"no [{ENTITY_PREFIX}NAME] sections found in luigi.cfg")
+    return Settings(
+        mongo_uri=values["mongo_uri"],
+        mongo_db=values["mongo_db"],
+        postgres_dsn=values["postgres_dsn"],
+        staging_url=values["staging_url"],
+        s3_endpoint=values["s3_endpoint"],
+        s3_access_key=values["s3_access_key"],
+        s3_secret_key=values["s3_secret_key"],
+        s3_secure=values["s3_secure"].strip().lower() in ("1", "true", "yes", "on"),
+        warehouse_url=values["warehouse_url"],
+        database=check_name(values["database"], "CDC_DATABASE"),
+        lookback_minutes=float(values["lookback_minutes"]),
+        batch_rows=int(values["batch_rows"]),
+        part_rows=int(values["part_rows"]),
+        entities=entities,
+    )
+
+
+@cache
+def settings() -> Settings:
+    """The process-wide settings; tests call `settings.cache_clear()` after changing the env."""
+    return load_settings()
+
+
+def mask_url(url: str) -> str:
+    """Hide the password of a URL/DSN so it can be logged."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

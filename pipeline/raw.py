@@ -1,0 +1,201 @@
+"""Load raw: a staged batch -> `raw_<entity>` (MergeTree, partitioned by month of `_loaded_at`).
+
+Raw tables keep every batch as extracted, with `_batch_id`, `_loaded_at` and `_row_hash`. The raw
+table is the contract between Load and Snapshot. Loading is exactly-once per batch: a rerun first
+deletes what a crashed attempt inserted, and the marker row is written after the data.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from pipeline.config import Entity
+from pipeline.hashing import encode_key, row_hash
+from pipeline.state import StageResult
+from pipeline.warehouse import Warehouse, arrow_to_clickhouse, qualified, quote_ident
+from pipeline.warehouse.server import arrow_type
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from pipeline.staging import Manifest, Store
+
+META_COLUMNS = ("_batch_id", "_loaded_at", "_row_hash")
+
+
+class RawLoadError(RuntimeError):
+    """A batch cannot be loaded; the message names entity, batch and column."""
+
+
+def source_columns(columns: dict[str, str]) -> list[str]:
+    return [c for c in columns if c not in META_COLUMNS]
+
+
+def ensure_raw_table(wh: Warehouse, database: str, entity: Entity, schema: pa.Schema) -> None:
+    """Create the raw table on first load; later columns are added by `align`."""
+    wh.create_database(database)
+    cols = ", ".join(
+        f"{quote_ident(f.name)} {arrow_to_clickhouse(f.type, wh.features)}"
+        for f in schema
+        if f.name not in META_COLUMNS
+    )
+    ts = "DateTime64(6, 'UTC')" if wh.features.datetime64 else "DateTime('UTC')"
+    wh.execute(
+        f"CREATE TABLE IF NOT EXISTS {qualified(database, entity.raw_table)} ({cols},"
+        f" `_batch_id` String, `_loaded_at` {ts}, `_row_hash` UInt64)"
+        " ENGINE = MergeTree PARTITION BY toYYYYMM(_loaded_at) ORDER BY (_batch_id)"
+    )
+
+
+def widen(raw: pa.DataType, incoming: pa.DataType) -> pa.DataType:
+    """The type both fit in: ints widen to float64 when the other side is float, else string."""
+    import pyarrow as pa
+
+    if raw == incoming or pa.types.is_null(incoming):
+        return raw
+    numeric = (pa.types.is_integer, pa.types.is_floating)
+    if any(f(raw) for f in numeric) and any(f(incoming) for f in numeric):
+        if pa.types.is_integer(raw) and pa.types.is_integer(incoming):
+            return pa.int64()
+        return pa.float64()
+    return pa.string()
+
+
+def align(wh: Warehouse, database: str, entity: Entity, part: pa.Table) -> pa.Table:
+    """Evolve the raw table for this part (new columns, widened types) and cast the part to it."""
+    import pyarrow as pa
+
+    table = qualified(database, entity.raw_table)
+    existing = wh.columns(database, entity.raw_table)
+    arrays, names = [], []
+    for field in part.schema:
+        column = part.column(field.name)
+        if pa.types.is_null(field.type) and field.name in existing:
+            continue
+        if field.name not in existing:
+            ch = arrow_to_clickhouse(field.type, wh.features)
+            wh.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {quote_ident(field.name)} {ch}")
+        else:
+            raw_type = arrow_type(existing[field.name])
+            target = widen(raw_type, field.type)
+            if target != raw_type:
+                ch = arrow_to_clickhouse(target, wh.features)
+                wh.execute(f"ALTER TABLE {table} MODIFY COLUMN {quote_ident(field.name)} {ch}")
+                wh.wait_mutations(database, entity.raw_table)
+            if target != field.type:
+                column = _cast(column, target, entity, field.name)
+        arrays.append(column)
+        names.append(field.name)
+    return pa.table(arrays, names=names)
+
+
+def _cast(column: pa.ChunkedArray, target: pa.DataType, entity: Entity, name: str) -> pa.ChunkedArray:
+    import pyarrow as pa
+
+    from pipeline.hashing import canonical_text
+
+    try:
+        return canonical_text(column) if pa.types.is_string(target) else column.cast(target)
+    except pa.ArrowException as exc:
+        raise RawLoadError(f"{entity.name}: column {name!r} cannot widen to {target}: {exc}") from exc
+
+
+def discard_partial(wh: Warehouse, database: str, entity: Entity, batch_id: str) -> int:
+    """Delete rows a crashed attempt left for this batch; returns how many there were."""
+    table = qualified(database, entity.raw_table)
+    if not wh.table_exists(database, entity.raw_table):
+        return 0
+    left = wh.scalar(f"SELECT count() FROM {table} WHERE _batch_id = %(b)s", {"b": batch_id})
+    if left:
+        wh.execute(f"ALTER TABLE {table} DELETE WHERE _batch_id = %(b)s", {"b": batch_id})
+        wh.wait_mutations(database, entity.raw_table)
+    return int(left or 0)
+
+
+def already_loaded(
+    wh: Warehouse, database: str, entity: Entity, lower: datetime, batch_id: str
+) -> pa.Array:
+    """Encoded (key, row hash) of rows already loaded inside the lookback zone."""
+    import pyarrow as pa
+
+    keys = ", ".join(quote_ident(k) for k in entity.unique_key)
+    assert entity.updated_at is not None
+    existing = wh.query_arrow(
+        f"SELECT DISTINCT {keys}, _row_hash FROM {qualified(database, entity.raw_table)}"
+        f" WHERE {quote_ident(entity.updated_at)} >= %(lower)s AND _batch_id != %(b)s",
+        {"lower": _to_warehouse_time(lower, wh), "b": batch_id},
+    )
+    if existing.num_rows == 0:
+        return pa.array([], pa.string())
+    return _key_hash(existing, entity)
+
+
+def _to_warehouse_time(value: datetime, wh: Warehouse) -> datetime:
+    """Round down to what the warehouse stores (seconds on servers without DateTime64)."""
+    value = value.astimezone(timezone.utc)
+    return value if wh.features.datetime64 else value.replace(microsecond=0)
+
+
+def _key_hash(table: pa.Table, entity: Entity) -> pa.Array:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.binary_join_element_wise(
+        encode_key(table, entity.unique_key), pc.cast(table.column("_row_hash"), pa.string()), "|"
+    )
+
+
+def _truncate_timestamps(part: pa.Table, wh: Warehouse) -> pa.Table:
+    """On servers without DateTime64 the stored value is whole seconds; hash what is stored."""
+    import pyarrow as pa
+
+    if wh.features.datetime64:
+        return part
+    for i, field in enumerate(part.schema):
+        if pa.types.is_timestamp(field.type):
+            col = part.column(i).cast(pa.timestamp("s", "UTC"), safe=False)
+            part = part.set_column(i, field, col.cast(field.type))
+    return part
+
+
+def load_batch(
+    wh: Warehouse, database: str, entity: Entity, store: Store, manifest: Manifest
+) -> StageResult:
+    """Insert every staged part of a batch (minus rows the lookback re-read unchanged)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.staging import read_parts
+
+    loaded_at = datetime.now(timezone.utc)
+    lower = manifest.window.get("lower") if not manifest.full_scan else None
+    skip: pa.Array | None = None
+    rows_in = rows_out = 0
+    discard_partial(wh, database, entity, manifest.batch_id)
+    for part in read_parts(store, manifest):
+        rows_in += part.num_rows
+        ensure_raw_table(wh, database, entity, part.schema)
+        missing = [k for k in entity.unique_key if k not in part.column_names]
+        if missing:
+            raise RawLoadError(
+                f"{entity.name} batch {manifest.batch_id}: unique_key column(s) {missing} missing"
+            )
+        part = align(wh, database, entity, _truncate_timestamps(part, wh))
+        sources = [c for c in part.column_names if c not in META_COLUMNS]
+        part = part.append_column("_row_hash", row_hash(part, sources))
+        if lower is not None:
+            if skip is None:
+                skip = already_loaded(
+                    wh, database, entity, datetime.fromisoformat(lower), manifest.batch_id
+                )
+            if len(skip):
+                part = part.filter(pc.invert(pc.is_in(_key_hash(part, entity), value_set=skip)))
+        n = part.num_rows
+        part = part.append_column("_batch_id", pa.array([manifest.batch_id] * n, pa.string()))
+        part = part.append_column(
+            "_loaded_at", pa.array([loaded_at] * n, pa.timestamp("us", "UTC"))
+        )
+        wh.insert_arrow(database, entity.raw_table, part)
+        rows_out += n
+    return StageResult(rows_in=rows_in, rows_out=rows_out)

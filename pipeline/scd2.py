@@ -1,0 +1,255 @@
+"""The SCD Type 2 diff: a pure, vectorised function of (current versions, incoming batch).
+
+No I/O here. `diff` says which versions to open, which to close and which deleted keys to
+tombstone; `snapshots.py` reads the inputs from the warehouse and writes the outputs.
+Semantics follow dbt snapshots (strategies `check` and `timestamp`, `hard_deletes`
+ignore / invalidate / new_record) with change detection by xxhash (see hashing.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from pipeline.hashing import encode_key, row_hash, xxh128_hex_column
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+TS = ("us", "UTC")
+
+
+class SnapshotError(RuntimeError):
+    """The batch cannot be applied; the message names the entity and the offending key."""
+
+
+class DeleteGuardError(SnapshotError):
+    """A full extract would retire too many live keys: probably a truncated extract."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    entity: str
+    unique_key: tuple[str, ...]
+    strategy: str  # "check" | "timestamp"
+    check_cols: tuple[str, ...] | None  # None = all source columns
+    updated_at: str | None = None
+    hard_deletes: str = "ignore"
+    full_scan: bool = True  # deletes are only visible in full extracts
+    delete_guard: float = 0.2
+    force_deletes: bool = False
+
+
+@dataclass(frozen=True)
+class Diff:
+    opened: pa.Table  # incoming rows + dbt_* meta + _hash: the versions to insert
+    closed: pa.Table  # dbt_scd_id, _new_valid_to: versions to close
+    tombstones: pa.Table  # dbt_scd_id (old), _new_scd_id, _new_valid_from: new_record deletes
+    live_before: int
+    retired: int
+
+
+def hash_columns(spec: Spec, columns: list[str]) -> list[str]:
+    return list(spec.check_cols) if spec.check_cols is not None else columns
+
+
+def scd_ids(keys: pa.Array | pa.ChunkedArray, valid_from: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """dbt_scd_id: xxh3-128 of (key, valid_from), 32 hex digits like dbt's md5."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    micros = pc.cast(pc.cast(valid_from, pa.timestamp(*TS)).cast(pa.int64()), pa.string())
+    return xxh128_hex_column(pc.binary_join_element_wise(keys, micros, "|"))
+
+
+def _check_keys(spec: Spec, incoming: pa.Table, keys: pa.Array) -> None:
+    import pyarrow.compute as pc
+
+    for k in spec.unique_key:
+        if k not in incoming.column_names:
+            raise SnapshotError(f"{spec.entity}: unique_key column {k!r} is not in the batch")
+        nulls = incoming.column(k).null_count
+        if nulls:
+            raise SnapshotError(f"{spec.entity}: {nulls} row(s) have NULL unique_key column {k!r}")
+    if pc.count_distinct(keys).as_py() != len(keys):
+        counts = pc.value_counts(keys)
+        dupes = counts.filter(pc.greater(counts.field("counts"), 1))
+        sample = [d["values"] for d in dupes.to_pylist()[:5]]
+        raise SnapshotError(
+            f"{spec.entity}: {len(dupes)} unique_key value(s) appear more than once in the batch,"
+            f" e.g. {sample}"
+        )
+
+
+def _match(left: pa.Array, right: pa.Array) -> pa.Array:
+    """For each left key, the row index of the same key on the right (NULL if absent)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.index_in(left, value_set=right) if len(right) else pa.nulls(len(left), pa.int32())
+
+
+def diff(spec: Spec, current: pa.Table, incoming: pa.Table, batch_ts: datetime) -> Diff:
+    """Versions to open and close so that history reflects `incoming` as of `batch_ts`.
+
+    `current` holds the current version of each key (unique_key columns, dbt_scd_id, _hash,
+    dbt_updated_at, dbt_valid_from, and dbt_is_deleted when hard_deletes = new_record).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ts_type = pa.timestamp(*TS)
+    batch = pa.scalar(batch_ts, ts_type)
+    in_keys = encode_key(incoming, spec.unique_key)
+    if isinstance(in_keys, pa.ChunkedArray):
+        in_keys = in_keys.combine_chunks()
+    _check_keys(spec, incoming, in_keys)
+    in_hash = row_hash(incoming, hash_columns(spec, incoming.column_names))
+    cur_keys = encode_key(current, spec.unique_key)
+    if isinstance(cur_keys, pa.ChunkedArray):
+        cur_keys = cur_keys.combine_chunks()
+    cur_deleted = (
+        pc.equal(current.column("dbt_is_deleted"), "True").fill_null(False)
+        if "dbt_is_deleted" in current.column_names
+        else pa.array([False] * current.num_rows, pa.bool_())
+    )
+
+    idx = _match(in_keys, cur_keys)
+    has_cur = pc.is_valid(idx)
+    take = idx.fill_null(0) if current.num_rows else None
+
+    def cur(column: str | pa.Array) -> pa.Array:
+        values = current.column(column) if isinstance(column, str) else column
+        if take is None:
+            return pa.nulls(len(idx), values.type)
+        return pc.if_else(has_cur, pc.take(values, take), pa.scalar(None, values.type))
+
+    was_deleted = cur(cur_deleted).fill_null(False)
+    cur_from = cur("dbt_valid_from").cast(ts_type)
+    if spec.strategy == "check":
+        hash_changed = pc.not_equal(in_hash, cur("_hash")).fill_null(True)
+        changed = pc.and_(has_cur, pc.or_(hash_changed, was_deleted))
+        valid_from = pa.array([batch_ts] * incoming.num_rows, ts_type)
+        updated = valid_from
+    else:
+        assert spec.updated_at is not None
+        new_ts = incoming.column(spec.updated_at).cast(ts_type)
+        if isinstance(new_ts, pa.ChunkedArray):
+            new_ts = new_ts.combine_chunks()
+        cur_upd = cur("dbt_updated_at").cast(ts_type)
+        newer = pc.greater(new_ts, cur_upd).fill_null(False)
+        no_ts_change = pc.and_(pc.is_null(new_ts), pc.not_equal(in_hash, cur("_hash")).fill_null(True))
+        changed = pc.and_(has_cur, pc.or_(pc.or_(newer, no_ts_change), was_deleted))
+        ts_or_batch = pc.coalesce(new_ts, batch)
+        after_current = pc.greater(ts_or_batch, cur_from).fill_null(True)
+        valid_from = pc.if_else(after_current, ts_or_batch, batch)
+        updated = pc.coalesce(new_ts, valid_from)
+
+    opening = pc.or_(pc.invert(has_cur), changed)
+    opened = incoming.filter(opening)
+    open_from = pc.filter(valid_from, opening)
+    open_keys = pc.filter(in_keys, opening)
+    opened = (
+        opened.append_column("dbt_scd_id", scd_ids(open_keys, open_from))
+        .append_column("dbt_updated_at", pc.filter(updated, opening))
+        .append_column("dbt_valid_from", open_from)
+        .append_column("dbt_valid_to", pa.nulls(opened.num_rows, ts_type))
+        .append_column("_hash", pc.filter(in_hash, opening))
+    )
+    if spec.hard_deletes == "new_record":
+        opened = opened.append_column("dbt_is_deleted", pa.array(["False"] * opened.num_rows))
+
+    closed = pa.table(
+        {
+            "dbt_scd_id": pc.filter(cur("dbt_scd_id"), changed),
+            "_new_valid_to": pc.filter(valid_from, changed),
+        }
+    )
+    live = pc.invert(cur_deleted)
+    live_before = pc.sum(live.cast(pa.int64())).as_py() or 0
+    retired = _retired(spec, current, cur_keys, in_keys, live, live_before)
+    tombstones = pa.table(
+        {"dbt_scd_id": pa.array([], pa.string()), "_new_scd_id": pa.array([], pa.string()),
+         "_new_valid_from": pa.array([], ts_type)}
+    )
+    if retired.num_rows:
+        gone_to = pa.array([batch_ts] * retired.num_rows, ts_type)
+        closed = pa.concat_tables(
+            [closed, pa.table({"dbt_scd_id": retired.column("dbt_scd_id"), "_new_valid_to": gone_to})]
+        )
+        if spec.hard_deletes == "new_record":
+            tombstones = pa.table(
+                {
+                    "dbt_scd_id": retired.column("dbt_scd_id"),
+                    "_new_scd_id": scd_ids(retired.column("_key"), gone_to),
+                    "_new_valid_from": gone_to,
+                }
+            )
+    return Diff(opened, closed, tombstones, live_before, retired.num_rows)
+
+
+def _retired(spec: Spec, current: pa.Table, cur_keys: pa.Array, in_keys: pa.Array,
+             live: pa.Array, live_before: int) -> pa.Table:
+    """Live keys missing from a full extract, when hard deletes are tracked; guarded."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    empty = pa.table({"dbt_scd_id": pa.array([], pa.string()), "_key": pa.array([], pa.string())})
+    if spec.hard_deletes == "ignore" or not spec.full_scan or not current.num_rows:
+        return empty
+    gone = pc.and_(live, pc.invert(pc.is_in(cur_keys, value_set=in_keys)))
+    count = pc.sum(gone.cast(pa.int64())).as_py() or 0
+    if count and count > spec.delete_guard * live_before and not spec.force_deletes:
+        raise DeleteGuardError(
+            f"{spec.entity}: this full extract would retire {count} of {live_before} live keys"
+            f" ({count / live_before:.0%} > delete_guard {spec.delete_guard:.0%}); refusing."
+            " If the source really lost them, rerun the snapshot with --force-deletes."
+        )
+    return pa.table(
+        {"dbt_scd_id": pc.filter(current.column("dbt_scd_id"), gone), "_key": pc.filter(cur_keys, gone)}
+    )
+
+
+def invariant_violations(spec: Spec, versions: pa.Table, limit: int = 5) -> list[str]:
+    """Check a snapshot's history; returns human-readable violations naming the keys.
+
+    `versions`: unique_key columns, dbt_valid_from, dbt_valid_to, and dbt_is_deleted if any.
+    One current version per key; valid_from < valid_to; windows of a key never overlap and,
+    unless hard_deletes = invalidate (which leaves a gap while a key is gone), touch end to start.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if versions.num_rows == 0:
+        return []
+    keys = encode_key(versions, spec.unique_key)
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    start = versions.column("dbt_valid_from").cast(pa.timestamp(*TS)).cast(pa.int64())
+    end = versions.column("dbt_valid_to").cast(pa.timestamp(*TS)).cast(pa.int64())
+    table = pa.table({"k": keys, "s": start, "e": end}).sort_by([("k", "ascending"),
+                                                                 ("s", "ascending")])
+    k = table.column("k").to_numpy(zero_copy_only=False)
+    s = table.column("s").to_numpy(zero_copy_only=False)
+    e_arr = table.column("e")
+    is_open = pc.is_null(e_arr).to_numpy(zero_copy_only=False)
+    e = e_arr.fill_null(np.iinfo(np.int64).max).to_numpy(zero_copy_only=False)
+    problems: list[str] = []
+
+    def report(mask: np.ndarray, what: str) -> None:
+        for key in list(dict.fromkeys(k[mask].tolist()))[:limit]:
+            problems.append(f"{spec.entity}: key {key!r}: {what}")
+
+    report(~is_open & (e <= s), "dbt_valid_from is not before dbt_valid_to")
+    same_key = k[1:] == k[:-1]
+    report(np.concatenate([same_key & (e[:-1] > s[1:]), [False]]), "validity windows overlap")
+    if spec.hard_deletes != "invalidate":
+        report(np.concatenate([same_key & (e[:-1] < s[1:]), [False]]),
+               "validity windows leave a gap")
+    open_keys = k[is_open]
+    uniq, counts = np.unique(open_keys, return_counts=True)
+    for key in uniq[counts > 1][:limit].tolist():
+        problems.append(f"{spec.entity}: key {key!r}: more than one current version")
+    return problems

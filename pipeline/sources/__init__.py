@@ -1,0 +1,1 @@
+"""Source readers: each turns one collection or table into a stream of Arrow record batches."""

@@ -1,0 +1,194 @@
+"""MongoDB full scan -> Arrow record batches (collections have no timestamps to filter on).
+
+Documents are read in `_id` order with a bounded batch size, so memory is one batch whatever the
+collection size. Each field becomes a column whose type follows the BSON value (see README, "Type
+mapping"); a field whose type changes between documents is widened, never dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+MAX_EXACT_FLOAT_INT = 2**53
+
+
+class MongoSourceError(RuntimeError):
+    """MongoDB is unreachable or a value cannot be read; the message names what and where."""
+
+
+def _json_default(value: Any) -> Any:
+    """Canonical JSON for BSON values json cannot encode (used inside nested documents too)."""
+    from bson import Decimal128, ObjectId
+    from bson.binary import Binary
+
+    if isinstance(value, ObjectId):
+        return str(value)
+    if isinstance(value, datetime):
+        return _utc(value).isoformat().replace("+00:00", "Z")
+    if isinstance(value, Decimal128):
+        return str(value.to_decimal())
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, Binary) and value.subtype in (3, 4):
+        return str(value.as_uuid(value.subtype))
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode()
+    from bson import json_util
+
+    return json.loads(json_util.dumps(value))
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted keys, no spaces: re-extracting the same document gives the same text."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default
+    )
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
+def _kind(value: Any) -> str:
+    """The Arrow-facing kind of one BSON value."""
+    from bson import Decimal128, ObjectId
+    from bson.binary import Binary
+
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, datetime):
+        return "timestamp"
+    if isinstance(value, ObjectId):
+        return "objectid"
+    if isinstance(value, Decimal128):
+        return "decimal"
+    if isinstance(value, uuid.UUID) or (isinstance(value, Binary) and value.subtype in (3, 4)):
+        return "uuid"
+    if isinstance(value, bytes | bytearray):
+        return "binary"
+    return "json"
+
+
+def _as_text(value: Any, kind: str) -> str:
+    """The lossless text of a value when its column had to be widened to string."""
+    if kind == "string":
+        return value
+    if kind in ("objectid", "decimal", "uuid", "binary", "timestamp"):
+        return _json_default(value)
+    return canonical_json(value)
+
+
+def column_array(values: Sequence[Any], collection: str, field: str) -> pa.Array:
+    """Type one field of a batch of documents (the widening rule lives here)."""
+    import pyarrow as pa
+
+    kinds = {_kind(v) for v in values if v is not None}
+    try:
+        if not kinds:
+            return pa.nulls(len(values), pa.null())
+        if len(kinds) == 1:
+            (kind,) = kinds
+            if kind in ("string", "bool", "float"):
+                return pa.array(values, type={"string": pa.string(), "bool": pa.bool_(),
+                                              "float": pa.float64()}[kind])
+            if kind == "int":
+                return pa.array(values, type=pa.int64())
+            if kind == "timestamp":
+                return pa.array(
+                    [None if v is None else _utc(v) for v in values], type=pa.timestamp("us", "UTC")
+                )
+            if kind == "objectid":
+                return pa.array([None if v is None else str(v) for v in values], type=pa.string())
+        if kinds == {"int", "float"} and all(
+            not isinstance(v, int) or abs(v) <= MAX_EXACT_FLOAT_INT for v in values
+        ):
+            return pa.array([None if v is None else float(v) for v in values], type=pa.float64())
+        return pa.array(
+            [None if v is None else _as_text(v, _kind(v)) for v in values], type=pa.string()
+        )
+    except (OverflowError, pa.ArrowException) as exc:
+        bad = next(
+            (v for v in values if v is not None and _kind(v) == "int" and abs(v) >= 2**63), None
+        )
+        if bad is not None:
+            return pa.array(
+                [None if v is None else _as_text(v, _kind(v)) for v in values], type=pa.string()
+            )
+        raise MongoSourceError(f"{collection}: field {field!r} cannot be typed: {exc}") from exc
+
+
+def documents_to_batch(
+    docs: Sequence[dict[str, Any]], collection: str, fields: list[str]
+) -> pa.RecordBatch:
+    """Turn documents into one record batch; `fields` keeps first-seen order across batches."""
+    import pyarrow as pa
+
+    seen = set(fields)
+    for doc in docs:
+        for key in doc:
+            if key not in seen:
+                seen.add(key)
+                fields.append(key)
+    arrays = []
+    for name in fields:
+        values = [doc.get(name) for doc in docs]
+        try:
+            arrays.append(column_array(values, collection, name))
+        except MongoSourceError as exc:
+            bad_id = next(
+                (d.get("_id") for d in docs if d.get(name) is not None), "<unknown>"
+            )
+            raise MongoSourceError(f"{exc} (first document with a value: _id={bad_id})") from exc
+    return pa.RecordBatch.from_arrays(arrays, names=list(fields))
+
+
+def connect(uri: str, timeout_ms: int = 5000) -> Any:
+    """A client that fails fast (and says so) when the server is not there."""
+    from pymongo import MongoClient
+    from pymongo.errors import PyMongoError
+
+    from pipeline.config import mask_url
+
+    client = MongoClient(uri, serverSelectionTimeoutMS=timeout_ms, tz_aware=True)
+    try:
+        client.admin.command("ping")
+    except PyMongoError as exc:
+        client.close()
+        raise MongoSourceError(
+            f"MongoDB at {mask_url(uri)} (CDC_MONGO_URI) is unreachable: {exc}"
+        ) from exc
+    return client
+
+
+def scan(
+    uri: str, database: str, collection: str, batch_rows: int = 50_000
+) -> Iterator[pa.RecordBatch]:
+    """Full scan in `_id` order, yielding record batches of at most `batch_rows` documents."""
+    client = connect(uri)
+    try:
+        cursor = client[database][collection].find({}, sort=[("_id", 1)], batch_size=batch_rows)
+        fields: list[str] = ["_id"]
+        docs: list[dict[str, Any]] = []
+        for doc in cursor:
+            docs.append(doc)
+            if len(docs) >= batch_rows:
+                yield documents_to_batch(docs, collection, fields)
+                docs = []
+        if docs:
+            yield documents_to_batch(docs, collection, fields)
+    finally:
+        client.close()

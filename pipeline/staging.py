@@ -1,0 +1,302 @@
+"""Parquet staging on S3/MinIO or local files: the contract between Extract and Load.
+
+A batch lives under `<source>/<table>/batch=<id>/` as `part-NNNNN.parquet` files (zstd) plus a
+`_manifest.json` written last. The manifest is the proof that the batch is complete: the staging
+Target exists only when it does, so a crashed extract is simply redone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
+
+import luigi
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from pipeline.config import Settings
+
+MANIFEST = "_manifest.json"
+
+
+class StagingError(RuntimeError):
+    """Staging is unreachable or a batch is damaged; the message names the store and key."""
+
+
+class Store(Protocol):
+    """The five operations staging needs from an object store."""
+
+    url: str
+
+    def put(self, key: str, data: bytes) -> None: ...
+    def get(self, key: str) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def delete(self, keys: Iterable[str]) -> None: ...
+
+
+class LocalStore:
+    """file:///path: a directory; writes go through a temp file + rename so readers see whole files."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.url = root.as_uri()
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return (self.root / key).read_bytes()
+        except FileNotFoundError as exc:
+            raise StagingError(f"{self.url}: {key} not found") from exc
+
+    def exists(self, key: str) -> bool:
+        return (self.root / key).is_file()
+
+    def list(self, prefix: str) -> list[str]:
+        base = self.root / prefix
+        if not base.exists():
+            return []
+        return sorted(
+            str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file()
+        )
+
+    def delete(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            (self.root / key).unlink(missing_ok=True)
+
+
+class S3Store:
+    """s3://bucket/prefix/ through the minio client (MinIO, SeaweedFS, AWS S3)."""
+
+    def __init__(self, client: Any, bucket: str, prefix: str, endpoint: str) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix
+        self.url = f"s3://{bucket}/{prefix} at {endpoint}"
+
+    def put(self, key: str, data: bytes) -> None:
+        self._call(
+            "put", key, self.client.put_object, self.bucket, self.prefix + key,
+            io.BytesIO(data), len(data),
+        )
+
+    def get(self, key: str) -> bytes:
+        response = self._call("get", key, self.client.get_object, self.bucket, self.prefix + key)
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def exists(self, key: str) -> bool:
+        from minio.error import S3Error
+
+        try:
+            self.client.stat_object(self.bucket, self.prefix + key)
+            return True
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+                return False
+            raise StagingError(f"{self.url}: cannot stat {key}: {exc.code} {exc.message}") from exc
+        except Exception as exc:
+            raise StagingError(f"{self.url}: cannot stat {key}: {exc}") from exc
+
+    def list(self, prefix: str) -> list[str]:
+        objects = self._call(
+            "list", prefix, self.client.list_objects, self.bucket,
+            prefix=self.prefix + prefix, recursive=True,
+        )
+        return sorted(o.object_name.removeprefix(self.prefix) for o in objects)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        from minio.deleteobjects import DeleteObject
+
+        errors = self.client.remove_objects(
+            self.bucket, [DeleteObject(self.prefix + k) for k in keys]
+        )
+        for error in errors:
+            raise StagingError(f"{self.url}: cannot delete {error.name}: {error.message}")
+
+    def _call(self, what: str, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        from minio.error import S3Error
+
+        try:
+            return fn(*args, **kwargs)
+        except S3Error as exc:
+            raise StagingError(f"{self.url}: {what} {key} failed: {exc.code} {exc.message}") from exc
+        except Exception as exc:
+            raise StagingError(f"{self.url}: {what} {key} failed: {exc}") from exc
+
+
+def open_store(settings: Settings) -> Store:
+    """The store CDC_STAGING_URL names; S3 buckets are checked so a wrong name fails early."""
+    url = settings.staging_url
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        return LocalStore(Path(parts.path))
+    if parts.scheme == "s3":
+        from minio import Minio
+
+        client = Minio(
+            settings.s3_endpoint,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key,
+            secure=settings.s3_secure,
+        )
+        bucket = parts.netloc
+        prefix = parts.path.lstrip("/")
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        store = S3Store(client, bucket, prefix, settings.s3_endpoint)
+        try:
+            found = client.bucket_exists(bucket)
+        except Exception as exc:
+            raise StagingError(
+                f"staging S3 endpoint {settings.s3_endpoint} (CDC_S3_ENDPOINT) unreachable: {exc}"
+            ) from exc
+        if not found:
+            raise StagingError(
+                f"staging bucket {bucket!r} (CDC_STAGING_URL={url}) does not exist at "
+                f"{settings.s3_endpoint}"
+            )
+        return store
+    raise StagingError(f"CDC_STAGING_URL must start with s3:// or file://, got {url!r}")
+
+
+def batch_prefix(source: str, table: str, batch_id: str) -> str:
+    return f"{source}/{table}/batch={batch_id}/"
+
+
+@dataclass
+class Manifest:
+    """What Load needs to trust a batch: row counts, schemas, checksums and the source window."""
+
+    entity: str
+    source: str
+    table: str
+    batch_id: str
+    extracted_at: str  # ISO-8601 UTC: when the read started (valid_from of check snapshots)
+    rows: int = 0
+    parts: list[dict[str, Any]] = field(default_factory=list)  # key, rows, xxh64, schema
+    window: dict[str, str | None] = field(default_factory=dict)  # lower/upper for incremental
+    full_scan: bool = True
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        return cls(**json.loads(data))
+
+
+class StagingTarget(luigi.Target):
+    """A staged batch: exists only once its manifest is written."""
+
+    def __init__(self, store: Store, source: str, table: str, batch_id: str) -> None:
+        self.store = store
+        self.prefix = batch_prefix(source, table, batch_id)
+
+    def exists(self) -> bool:
+        return self.store.exists(self.prefix + MANIFEST)
+
+    def manifest(self) -> Manifest:
+        return Manifest.from_json(self.store.get(self.prefix + MANIFEST))
+
+
+def _parquet_bytes(batches: list[pa.RecordBatch]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(sink, batches[0].schema, compression="zstd") as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def write_batch(
+    store: Store,
+    manifest: Manifest,
+    batches: Iterable[pa.RecordBatch],
+    part_rows: int = 500_000,
+) -> Manifest:
+    """Stream record batches into parts, then write the manifest last.
+
+    A part closes when it reaches `part_rows` or when the schema changes (drift), so each part
+    has one schema and memory is bounded by one part.
+    """
+    import xxhash
+
+    prefix = batch_prefix(manifest.source, manifest.table, manifest.batch_id)
+    stale = [k for k in store.list(prefix)]
+    if stale:
+        store.delete(stale)
+    pending: list[pa.RecordBatch] = []
+    pending_rows = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_rows
+        if not pending:
+            return
+        data = _parquet_bytes(pending)
+        key = f"part-{len(manifest.parts):05d}.parquet"
+        store.put(prefix + key, data)
+        manifest.parts.append(
+            {
+                "key": key,
+                "rows": pending_rows,
+                "bytes": len(data),
+                "xxh64": xxhash.xxh64_hexdigest(data),
+                "schema": pending[0].schema.to_string(show_schema_metadata=False),
+            }
+        )
+        manifest.rows += pending_rows
+        pending, pending_rows = [], 0
+
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        if pending and not batch.schema.equals(pending[0].schema):
+            flush()
+        pending.append(batch)
+        pending_rows += batch.num_rows
+        if pending_rows >= part_rows:
+            flush()
+    flush()
+    store.put(prefix + MANIFEST, manifest.to_json())
+    return manifest
+
+
+def read_parts(store: Store, manifest: Manifest) -> Iterator[pa.Table]:
+    """Yield each part as an Arrow table after checking its checksum against the manifest."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import xxhash
+
+    prefix = batch_prefix(manifest.source, manifest.table, manifest.batch_id)
+    for part in manifest.parts:
+        data = store.get(prefix + part["key"])
+        if xxhash.xxh64_hexdigest(data) != part["xxh64"]:
+            raise StagingError(
+                f"{store.url}: {prefix}{part['key']} checksum mismatch: the staged file is damaged"
+            )
+        table = pq.read_table(pa.BufferReader(data))
+        if table.num_rows != part["rows"]:
+            raise StagingError(
+                f"{store.url}: {prefix}{part['key']} has {table.num_rows} rows, "
+                f"manifest says {part['rows']}"
+            )
+        yield table

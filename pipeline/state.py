@@ -1,0 +1,133 @@
+"""Bookkeeping in the warehouse: which stage finished which batch, and the Postgres watermarks.
+
+ClickHouse has no transactions, so a stage writes its data first and its marker row last (the
+pattern of luigi.contrib's marker tables). A marker is the Luigi Target: when it is missing the
+stage runs again and first removes what a crashed attempt left behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import luigi
+
+from pipeline.warehouse import Warehouse, qualified
+
+BATCHES = "_cdc_batches"
+STATE = "_cdc_state"
+
+
+def ensure_tables(wh: Warehouse, database: str) -> None:
+    wh.create_database(database)
+    wh.execute(
+        f"CREATE TABLE IF NOT EXISTS {qualified(database, BATCHES)} ("
+        " entity String, stage String, batch_id String, rows_in UInt64, rows_out UInt64,"
+        " versions_opened UInt64, versions_closed UInt64, finished_at DateTime('UTC')"
+        ") ENGINE = MergeTree ORDER BY (entity, stage, batch_id)"
+    )
+    wh.execute(
+        f"CREATE TABLE IF NOT EXISTS {qualified(database, STATE)} ("
+        " entity String, batch_id String, watermark String, recorded_at DateTime('UTC')"
+        ") ENGINE = MergeTree ORDER BY (entity, batch_id)"
+    )
+
+
+@dataclass(frozen=True)
+class StageResult:
+    rows_in: int = 0
+    rows_out: int = 0
+    versions_opened: int = 0
+    versions_closed: int = 0
+
+
+def mark_done(
+    wh: Warehouse, database: str, entity: str, stage: str, batch_id: str, result: StageResult
+) -> None:
+    import pyarrow as pa
+
+    ensure_tables(wh, database)
+    row = pa.table(
+        {
+            "entity": [entity],
+            "stage": [stage],
+            "batch_id": [batch_id],
+            "rows_in": pa.array([result.rows_in], pa.uint64()),
+            "rows_out": pa.array([result.rows_out], pa.uint64()),
+            "versions_opened": pa.array([result.versions_opened], pa.uint64()),
+            "versions_closed": pa.array([result.versions_closed], pa.uint64()),
+            "finished_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("s", "UTC")),
+        }
+    )
+    wh.insert_arrow(database, BATCHES, row)
+
+
+def is_done(wh: Warehouse, database: str, entity: str, stage: str, batch_id: str) -> bool:
+    if not wh.table_exists(database, BATCHES):
+        return False
+    return bool(
+        wh.scalar(
+            f"SELECT count() FROM {qualified(database, BATCHES)}"
+            " WHERE entity = %(e)s AND stage = %(s)s AND batch_id = %(b)s",
+            {"e": entity, "s": stage, "b": batch_id},
+        )
+    )
+
+
+def last_done(wh: Warehouse, database: str, entity: str, stage: str) -> str | None:
+    """The newest batch id a stage finished for an entity (batch ids sort by time)."""
+    if not wh.table_exists(database, BATCHES):
+        return None
+    value = wh.scalar(
+        f"SELECT max(batch_id) FROM {qualified(database, BATCHES)}"
+        " WHERE entity = %(e)s AND stage = %(s)s",
+        {"e": entity, "s": stage},
+    )
+    return value or None
+
+
+def save_watermark(
+    wh: Warehouse, database: str, entity: str, batch_id: str, watermark: datetime
+) -> None:
+    """Record the upper bound of a loaded window; stored as ISO text to keep microseconds."""
+    import pyarrow as pa
+
+    ensure_tables(wh, database)
+    wh.insert_arrow(
+        database,
+        STATE,
+        pa.table(
+            {
+                "entity": [entity],
+                "batch_id": [batch_id],
+                "watermark": [watermark.astimezone(timezone.utc).isoformat()],
+                "recorded_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("s", "UTC")),
+            }
+        ),
+    )
+
+
+def load_watermark(wh: Warehouse, database: str, entity: str) -> datetime | None:
+    """The watermark of the newest committed load, or None before the first one."""
+    if not wh.table_exists(database, STATE):
+        return None
+    value = wh.scalar(
+        f"SELECT argMax(watermark, batch_id) FROM {qualified(database, STATE)}"
+        " WHERE entity = %(e)s",
+        {"e": entity},
+    )
+    return datetime.fromisoformat(value) if value else None
+
+
+class MarkerTarget(luigi.Target):
+    """Exists once `stage` has finished `batch_id` for `entity` (a row in _cdc_batches)."""
+
+    def __init__(self, entity: str, stage: str, batch_id: str) -> None:
+        self.entity = entity
+        self.stage = stage
+        self.batch_id = batch_id
+
+    def exists(self) -> bool:
+        from pipeline.runtime import settings, warehouse
+
+        return is_done(warehouse(), settings().database, self.entity, self.stage, self.batch_id)

@@ -1,0 +1,222 @@
+"""The Luigi graph: Extract -> LoadRaw -> Snapshot per entity, then the marts, under RunAll.
+
+A task's parameters are its identity (entity, batch), so "the same batch again" is "already
+complete", and a failed batch is resumed by running RunAll with its batch id. Connection settings
+are never parameters: luigid would show them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import luigi
+
+from pipeline.runtime import settings, store, warehouse
+from pipeline.state import MarkerTarget, StageResult, ensure_tables, mark_done
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from pipeline.staging import Manifest
+
+log = logging.getLogger("pipeline")
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+
+
+def new_batch_id() -> str:
+    """A UTC timestamp id: sortable, so batch order is id order."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def sql_dir() -> Path:
+    return Path(os.environ.get("CDC_SQL_DIR", SQL_DIR))
+
+
+class EntityTask(luigi.Task):
+    entity: str = luigi.Parameter()
+    batch: str = luigi.Parameter()
+
+    def report(self, message: str, percent: int | None = None) -> None:
+        self.set_status_message(message)
+        if percent is not None:
+            self.set_progress_percentage(percent)
+        log.info("%s %s %s: %s", type(self).__name__, self.entity, self.batch, message)
+
+    def record(self, stage: str, result: StageResult) -> None:
+        cfg = settings()
+        mark_done(warehouse(), cfg.database, self.entity, stage, self.batch, result)
+        self.report(f"{result.rows_in} rows in, {result.rows_out} rows out", 100)
+
+
+class Extract(EntityTask):
+    """Source -> Parquet parts + manifest in staging."""
+
+    def output(self) -> luigi.Target:
+        from pipeline.staging import StagingTarget
+
+        entity = settings().entity(self.entity)
+        return StagingTarget(store(), entity.source, entity.name, self.batch)
+
+    def run(self) -> None:
+        from pipeline.staging import Manifest, write_batch
+
+        cfg = settings()
+        entity = cfg.entity(self.entity)
+        started = datetime.now(timezone.utc)
+        manifest = Manifest(
+            entity=entity.name,
+            source=entity.source,
+            table=entity.name,
+            batch_id=self.batch,
+            extracted_at=started.isoformat(),
+            full_scan=not entity.incremental,
+        )
+        batches = self._read(entity, manifest)
+        write_batch(store(), manifest, self._counted(batches), cfg.part_rows)
+        self.report(f"extracted {manifest.rows} rows in {len(manifest.parts)} part(s)", 100)
+
+    def _read(self, entity: Any, manifest: Manifest) -> Iterator[pa.RecordBatch]:
+        cfg = settings()
+        if entity.source == "mongo":
+            from pipeline.sources import mongo
+
+            return mongo.scan(cfg.mongo_uri, cfg.mongo_db, entity.object_name, cfg.batch_rows)
+        from pipeline.sources import postgres
+        from pipeline.state import load_watermark
+
+        watermark = None
+        if entity.incremental:
+            ensure_tables(warehouse(), cfg.database)
+            watermark = load_watermark(warehouse(), cfg.database, entity.name)
+        window, batches = postgres.read(
+            cfg.postgres_dsn,
+            entity.object_name,
+            entity.updated_at if entity.incremental else None,
+            watermark,
+            timedelta(minutes=cfg.lookback_minutes),
+            cfg.batch_rows,
+        )
+        if window is not None:
+            manifest.window = {
+                "lower": window.lower.isoformat() if window.lower else None,
+                "upper": window.upper.isoformat(),
+            }
+        return batches
+
+    def _counted(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        rows = 0
+        for batch in batches:
+            rows += batch.num_rows
+            self.report(f"{rows} rows read")
+            yield batch
+
+
+class LoadRaw(EntityTask):
+    """Staged batch -> raw_<entity>; for incremental sources, then the watermark moves."""
+
+    def requires(self) -> luigi.Task:
+        return Extract(entity=self.entity, batch=self.batch)
+
+    def output(self) -> luigi.Target:
+        return MarkerTarget(self.entity, "raw", self.batch)
+
+    def run(self) -> None:
+        from pipeline.raw import load_batch
+        from pipeline.state import save_watermark
+
+        cfg = settings()
+        entity = cfg.entity(self.entity)
+        wh = warehouse()
+        ensure_tables(wh, cfg.database)
+        manifest = self.input().manifest()
+        result = load_batch(wh, cfg.database, entity, store(), manifest)
+        upper = manifest.window.get("upper")
+        if entity.incremental and upper:
+            save_watermark(wh, cfg.database, entity.name, self.batch, datetime.fromisoformat(upper))
+        self.record("raw", result)
+
+
+class Snapshot(EntityTask):
+    """raw batch -> SCD2 history (<entity>_snapshot)."""
+
+    force_deletes: bool = luigi.BoolParameter(default=False, significant=False)
+
+    def requires(self) -> luigi.Task:
+        return LoadRaw(entity=self.entity, batch=self.batch)
+
+    def output(self) -> luigi.Target:
+        return MarkerTarget(self.entity, "snapshot", self.batch)
+
+    def run(self) -> None:
+        from pipeline.snapshots import apply_batch
+
+        cfg = settings()
+        entity = cfg.entity(self.entity)
+        result = apply_batch(warehouse(), cfg.database, entity, self.batch, self.force_deletes)
+        self.record("snapshot", result)
+
+
+def _project() -> dict[str, Any]:
+    from pipeline.marts import load_project
+
+    cfg = settings()
+    known = {e.snapshot_table for e in cfg.entities} | {e.raw_table for e in cfg.entities}
+    return load_project(sql_dir(), cfg.database, known)
+
+
+class BuildMart(luigi.Task):
+    """One sql/<name>.sql, built atomically after what it reads, then its data tests."""
+
+    name: str = luigi.Parameter()
+    batch: str = luigi.Parameter()
+
+    def requires(self) -> list[luigi.Task]:
+        cfg = settings()
+        mart = _project()[self.name]
+        tables = {e.snapshot_table: e.name for e in cfg.entities}
+        tables |= {e.raw_table: e.name for e in cfg.entities}
+        deps: list[luigi.Task] = []
+        for table in sorted(mart.depends_on):
+            if table in tables:
+                deps.append(Snapshot(entity=tables[table], batch=self.batch))
+            else:
+                deps.append(BuildMart(name=table, batch=self.batch))
+        return deps
+
+    def output(self) -> luigi.Target:
+        return MarkerTarget(f"mart:{self.name}", "mart", self.batch)
+
+    def run(self) -> None:
+        from pipeline.marts import build, run_tests
+
+        cfg = settings()
+        mart = _project()[self.name]
+        self.set_status_message(f"building {mart.name}")
+        rows = build(warehouse(), cfg.database, mart)
+        self.set_status_message(f"built {rows} rows; running tests")
+        for result in run_tests(warehouse(), cfg.database, mart):
+            log.info("mart %s test %s", mart.name, result)
+        mark_done(warehouse(), cfg.database, f"mart:{self.name}", "mart", self.batch,
+                  StageResult(rows_out=rows))
+        self.set_progress_percentage(100)
+
+
+class RunAll(luigi.WrapperTask):
+    """Every entity's snapshot and every mart for one batch."""
+
+    batch: str = luigi.Parameter(default=new_batch_id())
+
+    def requires(self) -> list[luigi.Task]:
+        from pipeline.snapshots import batch_time
+
+        batch_time(self.batch)  # refuse malformed ids before anything runs
+        cfg = settings()
+        tasks: list[luigi.Task] = [Snapshot(entity=e.name, batch=self.batch) for e in cfg.entities]
+        tasks += [BuildMart(name=name, batch=self.batch) for name in sorted(_project())]
+        return tasks

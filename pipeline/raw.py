@@ -7,7 +7,7 @@ deletes what a crashed attempt inserted, and the marker row is written after the
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from pipeline.config import Entity
@@ -75,7 +75,9 @@ def align(wh: Warehouse, database: str, entity: Entity, part: pa.Table) -> pa.Ta
             continue
         if field.name not in existing:
             ch = arrow_to_clickhouse(field.type, wh.features)
-            wh.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {quote_ident(field.name)} {ch}")
+            wh.execute(
+                f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {quote_ident(field.name)} {ch}"
+            )
         else:
             raw_type = arrow_type(existing[field.name])
             target = widen(raw_type, field.type)
@@ -90,7 +92,9 @@ def align(wh: Warehouse, database: str, entity: Entity, part: pa.Table) -> pa.Ta
     return pa.table(arrays, names=names)
 
 
-def _cast(column: pa.ChunkedArray, target: pa.DataType, entity: Entity, name: str) -> pa.ChunkedArray:
+def _cast(
+    column: pa.ChunkedArray, target: pa.DataType, entity: Entity, name: str
+) -> pa.ChunkedArray:
     import pyarrow as pa
 
     from pipeline.hashing import canonical_text
@@ -98,7 +102,9 @@ def _cast(column: pa.ChunkedArray, target: pa.DataType, entity: Entity, name: st
     try:
         return canonical_text(column) if pa.types.is_string(target) else column.cast(target)
     except pa.ArrowException as exc:
-        raise RawLoadError(f"{entity.name}: column {name!r} cannot widen to {target}: {exc}") from exc
+        raise RawLoadError(
+            f"{entity.name}: column {name!r} cannot widen to {target}: {exc}"
+        ) from exc
 
 
 def discard_partial(wh: Warehouse, database: str, entity: Entity, batch_id: str) -> int:
@@ -133,7 +139,7 @@ def already_loaded(
 
 def _to_warehouse_time(value: datetime, wh: Warehouse) -> datetime:
     """Round down to what the warehouse stores (seconds on servers without DateTime64)."""
-    value = value.astimezone(timezone.utc)
+    value = value.astimezone(UTC)
     return value if wh.features.datetime64 else value.replace(microsecond=0)
 
 
@@ -168,7 +174,7 @@ def load_batch(
 
     from pipeline.staging import read_parts
 
-    loaded_at = datetime.now(timezone.utc)
+    loaded_at = datetime.now(UTC)
     lower = manifest.window.get("lower") if not manifest.full_scan else None
     skip: pa.Array | None = None
     rows_in = rows_out = 0

@@ -139,7 +139,9 @@ def diff(spec: Spec, current: pa.Table, incoming: pa.Table, batch_ts: datetime) 
             new_ts = new_ts.combine_chunks()
         cur_upd = cur("dbt_updated_at").cast(ts_type)
         newer = pc.greater(new_ts, cur_upd).fill_null(False)
-        no_ts_change = pc.and_(pc.is_null(new_ts), pc.not_equal(in_hash, cur("_hash")).fill_null(True))
+        no_ts_change = pc.and_(
+            pc.is_null(new_ts), pc.not_equal(in_hash, cur("_hash")).fill_null(True)
+        )
         changed = pc.and_(has_cur, pc.or_(pc.or_(newer, no_ts_change), was_deleted))
         ts_or_batch = pc.coalesce(new_ts, batch)
         after_current = pc.greater(ts_or_batch, cur_from).fill_null(True)
@@ -170,13 +172,19 @@ def diff(spec: Spec, current: pa.Table, incoming: pa.Table, batch_ts: datetime) 
     live_before = pc.sum(live.cast(pa.int64())).as_py() or 0
     retired = _retired(spec, current, cur_keys, in_keys, live, live_before)
     tombstones = pa.table(
-        {"dbt_scd_id": pa.array([], pa.string()), "_new_scd_id": pa.array([], pa.string()),
-         "_new_valid_from": pa.array([], ts_type)}
+        {
+            "dbt_scd_id": pa.array([], pa.string()),
+            "_new_scd_id": pa.array([], pa.string()),
+            "_new_valid_from": pa.array([], ts_type),
+        }
     )
     if retired.num_rows:
         gone_to = pa.array([batch_ts] * retired.num_rows, ts_type)
         closed = pa.concat_tables(
-            [closed, pa.table({"dbt_scd_id": retired.column("dbt_scd_id"), "_new_valid_to": gone_to})]
+            [
+                closed,
+                pa.table({"dbt_scd_id": retired.column("dbt_scd_id"), "_new_valid_to": gone_to}),
+            ]
         )
         if spec.hard_deletes == "new_record":
             tombstones = pa.table(
@@ -189,8 +197,14 @@ def diff(spec: Spec, current: pa.Table, incoming: pa.Table, batch_ts: datetime) 
     return Diff(opened, closed, tombstones, live_before, retired.num_rows)
 
 
-def _retired(spec: Spec, current: pa.Table, cur_keys: pa.Array, in_keys: pa.Array,
-             live: pa.Array, live_before: int) -> pa.Table:
+def _retired(
+    spec: Spec,
+    current: pa.Table,
+    cur_keys: pa.Array,
+    in_keys: pa.Array,
+    live: pa.Array,
+    live_before: int,
+) -> pa.Table:
     """Live keys missing from a full extract, when hard deletes are tracked; guarded."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -207,7 +221,10 @@ def _retired(spec: Spec, current: pa.Table, cur_keys: pa.Array, in_keys: pa.Arra
             " If the source really lost them, rerun the snapshot with --force-deletes."
         )
     return pa.table(
-        {"dbt_scd_id": pc.filter(current.column("dbt_scd_id"), gone), "_key": pc.filter(cur_keys, gone)}
+        {
+            "dbt_scd_id": pc.filter(current.column("dbt_scd_id"), gone),
+            "_key": pc.filter(cur_keys, gone),
+        }
     )
 
 
@@ -229,8 +246,9 @@ def invariant_violations(spec: Spec, versions: pa.Table, limit: int = 5) -> list
         keys = keys.combine_chunks()
     start = versions.column("dbt_valid_from").cast(pa.timestamp(*TS)).cast(pa.int64())
     end = versions.column("dbt_valid_to").cast(pa.timestamp(*TS)).cast(pa.int64())
-    table = pa.table({"k": keys, "s": start, "e": end}).sort_by([("k", "ascending"),
-                                                                 ("s", "ascending")])
+    table = pa.table({"k": keys, "s": start, "e": end}).sort_by(
+        [("k", "ascending"), ("s", "ascending")]
+    )
     k = table.column("k").to_numpy(zero_copy_only=False)
     s = table.column("s").to_numpy(zero_copy_only=False)
     e_arr = table.column("e")
@@ -246,8 +264,9 @@ def invariant_violations(spec: Spec, versions: pa.Table, limit: int = 5) -> list
     same_key = k[1:] == k[:-1]
     report(np.concatenate([same_key & (e[:-1] > s[1:]), [False]]), "validity windows overlap")
     if spec.hard_deletes != "invalidate":
-        report(np.concatenate([same_key & (e[:-1] < s[1:]), [False]]),
-               "validity windows leave a gap")
+        report(
+            np.concatenate([same_key & (e[:-1] < s[1:]), [False]]), "validity windows leave a gap"
+        )
     open_keys = k[is_open]
     uniq, counts = np.unique(open_keys, return_counts=True)
     for key in uniq[counts > 1][:limit].tolist():

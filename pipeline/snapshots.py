@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from pipeline.config import Entity
@@ -75,7 +75,7 @@ def batch_time(batch_id: str) -> datetime:
         micros = int(digits[15:].ljust(6, "0")[:6]) if len(digits) > 15 else 0
     except ValueError as exc:
         raise SnapshotError(f"batch id {batch_id!r} is not YYYYMMDDTHHMMSS[ffffff]Z") from exc
-    return base.replace(microsecond=micros, tzinfo=timezone.utc)
+    return base.replace(microsecond=micros, tzinfo=UTC)
 
 
 def _ts_type(wh: Warehouse) -> str:
@@ -102,7 +102,12 @@ def ensure_storage(wh: Warehouse, names: Names, entity: Entity, schema: pa.Schem
         ]
         if entity.hard_deletes == "new_record":
             meta.append("`dbt_is_deleted` Nullable(String)")
-        meta += ["`_hash` UInt64", "`_opened_by` String", "`_closed_by` String", "`_version` UInt64"]
+        meta += [
+            "`_hash` UInt64",
+            "`_opened_by` String",
+            "`_closed_by` String",
+            "`_version` UInt64",
+        ]
         order = ", ".join(quote_ident(k) for k in entity.unique_key) + ", dbt_valid_from"
         wh.execute(
             f"CREATE TABLE IF NOT EXISTS {names.q_storage} ({', '.join(cols + meta)})"
@@ -126,7 +131,9 @@ def ensure_view(wh: Warehouse, names: Names) -> None:
             return
         wh.execute(f"DROP TABLE IF EXISTS {names.q_view}")
     select = ", ".join(quote_ident(c) for c in storage_cols)
-    wh.execute(f"CREATE VIEW IF NOT EXISTS {names.q_view} AS SELECT {select} FROM {names.q_storage} FINAL")
+    wh.execute(
+        f"CREATE VIEW IF NOT EXISTS {names.q_view} AS SELECT {select} FROM {names.q_storage} FINAL"
+    )
 
 
 def read_incoming(wh: Warehouse, database: str, entity: Entity, batch_id: str) -> pa.Table:
@@ -167,13 +174,15 @@ def effective_time(wh: Warehouse, names: Names, batch_id: str) -> datetime:
         {"b": batch_id},
     )
     if isinstance(latest, datetime):
-        latest = latest if latest.tzinfo else latest.replace(tzinfo=timezone.utc)
+        latest = latest if latest.tzinfo else latest.replace(tzinfo=UTC)
         if latest.year > 1970 and ts <= latest:
             ts = latest + step
     return ts
 
 
-def _write_opened(wh: Warehouse, names: Names, opened: pa.Table, batch_id: str, version: int) -> None:
+def _write_opened(
+    wh: Warehouse, names: Names, opened: pa.Table, batch_id: str, version: int
+) -> None:
     import pyarrow as pa
 
     n = opened.num_rows
@@ -187,8 +196,9 @@ def _write_opened(wh: Warehouse, names: Names, opened: pa.Table, batch_id: str, 
     wh.insert_arrow(names.database, names.storage, opened.select(keep))
 
 
-def _copy_versions(wh: Warehouse, names: Names, tmp: pa.Table, overrides: dict[str, str],
-                   params: dict[str, object]) -> None:
+def _copy_versions(
+    wh: Warehouse, names: Names, tmp: pa.Table, overrides: dict[str, str], params: dict[str, object]
+) -> None:
     """INSERT ... SELECT storage rows joined to a temp table, with some columns replaced."""
     if not tmp.num_rows:
         return
@@ -224,7 +234,9 @@ def write_diff(wh: Warehouse, names: Names, d: Diff, batch_id: str) -> None:
     if os.environ.get("CDC_FAILPOINT") == "snapshot-after-open":
         raise SnapshotError(f"failpoint snapshot-after-open hit for {names.view} {batch_id}")
     _copy_versions(
-        wh, names, d.tombstones,
+        wh,
+        names,
+        d.tombstones,
         {
             "dbt_scd_id": "_new_scd_id",
             "dbt_updated_at": "_new_valid_from",
@@ -238,7 +250,9 @@ def write_diff(wh: Warehouse, names: Names, d: Diff, batch_id: str) -> None:
         {"b": batch_id, "v": version},
     )
     _copy_versions(
-        wh, names, d.closed,
+        wh,
+        names,
+        d.closed,
         {"dbt_valid_to": "_new_valid_to", "_closed_by": "%(b)s", "_version": "%(v)s"},
         {"b": batch_id, "v": version + 1},
     )
@@ -269,8 +283,9 @@ def apply_batch(
     if incoming.num_columns == 0:
         incoming = _empty_like_storage(wh, names, entity)
     current = read_current(wh, names, entity, batch_id)
-    d = diff(spec_for(entity, force_deletes), current, incoming,
-             effective_time(wh, names, batch_id))
+    d = diff(
+        spec_for(entity, force_deletes), current, incoming, effective_time(wh, names, batch_id)
+    )
     write_diff(wh, names, d, batch_id)
     problems = check_invariants(wh, names, entity)
     if problems:

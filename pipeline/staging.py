@@ -43,7 +43,7 @@ class Store(Protocol):
 
 
 class LocalStore:
-    """file:///path: a directory; writes go through a temp file + rename so readers see whole files."""
+    """file:///path: a directory; writes go to a temp file + rename, so readers see whole files."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -69,9 +69,7 @@ class LocalStore:
         base = self.root / prefix
         if not base.exists():
             return []
-        return sorted(
-            str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file()
-        )
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file())
 
     def delete(self, keys: Iterable[str]) -> None:
         for key in keys:
@@ -89,8 +87,13 @@ class S3Store:
 
     def put(self, key: str, data: bytes) -> None:
         self._call(
-            "put", key, self.client.put_object, self.bucket, self.prefix + key,
-            io.BytesIO(data), len(data),
+            "put",
+            key,
+            self.client.put_object,
+            self.bucket,
+            self.prefix + key,
+            io.BytesIO(data),
+            len(data),
         )
 
     def get(self, key: str) -> bytes:
@@ -116,8 +119,12 @@ class S3Store:
 
     def list(self, prefix: str) -> list[str]:
         objects = self._call(
-            "list", prefix, self.client.list_objects, self.bucket,
-            prefix=self.prefix + prefix, recursive=True,
+            "list",
+            prefix,
+            self.client.list_objects,
+            self.bucket,
+            prefix=self.prefix + prefix,
+            recursive=True,
         )
         return sorted(o.object_name.removeprefix(self.prefix) for o in objects)
 
@@ -136,7 +143,9 @@ class S3Store:
         try:
             return fn(*args, **kwargs)
         except S3Error as exc:
-            raise StagingError(f"{self.url}: {what} {key} failed: {exc.code} {exc.message}") from exc
+            raise StagingError(
+                f"{self.url}: {what} {key} failed: {exc.code} {exc.message}"
+            ) from exc
         except Exception as exc:
             raise StagingError(f"{self.url}: {what} {key} failed: {exc}") from exc
 

@@ -8,7 +8,7 @@ stage runs again and first removes what a crashed attempt left behind.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import luigi
 
@@ -56,7 +56,7 @@ def mark_done(
             "rows_out": pa.array([result.rows_out], pa.uint64()),
             "versions_opened": pa.array([result.versions_opened], pa.uint64()),
             "versions_closed": pa.array([result.versions_closed], pa.uint64()),
-            "finished_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("s", "UTC")),
+            "finished_at": pa.array([datetime.now(UTC)], pa.timestamp("s", "UTC")),
         }
     )
     wh.insert_arrow(database, BATCHES, row)
@@ -100,8 +100,8 @@ def save_watermark(
             {
                 "entity": [entity],
                 "batch_id": [batch_id],
-                "watermark": [watermark.astimezone(timezone.utc).isoformat()],
-                "recorded_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("s", "UTC")),
+                "watermark": [watermark.astimezone(UTC).isoformat()],
+                "recorded_at": pa.array([datetime.now(UTC)], pa.timestamp("s", "UTC")),
             }
         ),
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +31,7 @@ SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 
 def new_batch_id() -> str:
     """A UTC timestamp id: sortable, so batch order is id order."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
 
 
 def sql_dir() -> Path:
@@ -68,7 +68,7 @@ class Extract(EntityTask):
 
         cfg = settings()
         entity = cfg.entity(self.entity)
-        started = datetime.now(timezone.utc)
+        started = datetime.now(UTC)
         manifest = Manifest(
             entity=entity.name,
             source=entity.source,
@@ -202,8 +202,14 @@ class BuildMart(luigi.Task):
         self.set_status_message(f"built {rows} rows; running tests")
         for result in run_tests(warehouse(), cfg.database, mart):
             log.info("mart %s test %s", mart.name, result)
-        mark_done(warehouse(), cfg.database, f"mart:{self.name}", "mart", self.batch,
-                  StageResult(rows_out=rows))
+        mark_done(
+            warehouse(),
+            cfg.database,
+            f"mart:{self.name}",
+            "mart",
+            self.batch,
+            StageResult(rows_out=rows),
+        )
         self.set_progress_percentage(100)
 
 

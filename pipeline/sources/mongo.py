@@ -11,7 +11,7 @@ import base64
 import json
 import uuid
 from collections.abc import Iterator, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def canonical_json(value: Any) -> str:
 
 
 def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 def _kind(value: Any) -> str:
@@ -103,8 +103,10 @@ def column_array(values: Sequence[Any], collection: str, field: str) -> pa.Array
         if len(kinds) == 1:
             (kind,) = kinds
             if kind in ("string", "bool", "float"):
-                return pa.array(values, type={"string": pa.string(), "bool": pa.bool_(),
-                                              "float": pa.float64()}[kind])
+                return pa.array(
+                    values,
+                    type={"string": pa.string(), "bool": pa.bool_(), "float": pa.float64()}[kind],
+                )
             if kind == "int":
                 return pa.array(values, type=pa.int64())
             if kind == "timestamp":
@@ -149,9 +151,7 @@ def documents_to_batch(
         try:
             arrays.append(column_array(values, collection, name))
         except MongoSourceError as exc:
-            bad_id = next(
-                (d.get("_id") for d in docs if d.get(name) is not None), "<unknown>"
-            )
+            bad_id = next((d.get("_id") for d in docs if d.get(name) is not None), "<unknown>")
             raise MongoSourceError(f"{exc} (first document with a value: _id={bad_id})") from exc
     return pa.RecordBatch.from_arrays(arrays, names=list(fields))
 

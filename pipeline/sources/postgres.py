@@ -79,8 +79,9 @@ def _to_text(value: Any, udt_name: str) -> Any:
     if udt_name == "bytea" or isinstance(value, memoryview | bytes):
         return base64.b64encode(bytes(value)).decode()
     if udt_name in ("json", "jsonb") or udt_name.startswith("_"):
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          default=str)
+        return json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
+        )
     return str(value)
 
 
@@ -132,14 +133,16 @@ def pin_upper(conn: Any) -> datetime:
     return now
 
 
-def _select(columns: list[Column], object_name: str, updated_at: str | None,
-            window: Window | None) -> tuple[Any, tuple[Any, ...]]:
+def _select(
+    columns: list[Column], object_name: str, updated_at: str | None, window: Window | None
+) -> tuple[Any, tuple[Any, ...]]:
     from psycopg2 import sql
 
     schema, table = split_table(object_name)
     cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in columns)
-    query = sql.SQL("SELECT {} FROM {}.{}").format(cols, sql.Identifier(schema),
-                                                     sql.Identifier(table))
+    query = sql.SQL("SELECT {} FROM {}.{}").format(
+        cols, sql.Identifier(schema), sql.Identifier(table)
+    )
     params: tuple[Any, ...] = ()
     if window is not None and updated_at is not None:
         ts = sql.Identifier(updated_at)
@@ -184,8 +187,14 @@ def read(
     return window, _stream(conn, columns, object_name, updated_at, window, batch_rows)
 
 
-def _stream(conn: Any, columns: list[Column], object_name: str, updated_at: str | None,
-            window: Window | None, batch_rows: int) -> Iterator[pa.RecordBatch]:
+def _stream(
+    conn: Any,
+    columns: list[Column],
+    object_name: str,
+    updated_at: str | None,
+    window: Window | None,
+    batch_rows: int,
+) -> Iterator[pa.RecordBatch]:
     import pyarrow as pa
 
     query, params = _select(columns, object_name, updated_at, window)
@@ -202,8 +211,9 @@ def _stream(conn: Any, columns: list[Column], object_name: str, updated_at: str 
         conn.close()
 
 
-def _rows_to_batch(rows: list[tuple], columns: list[Column], schema: pa.Schema,
-                   object_name: str) -> pa.RecordBatch:
+def _rows_to_batch(
+    rows: list[tuple], columns: list[Column], schema: pa.Schema, object_name: str
+) -> pa.RecordBatch:
     import pyarrow as pa
 
     arrays = []

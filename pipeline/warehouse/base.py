@@ -10,7 +10,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +53,7 @@ def literal(value: Any) -> str:
         return repr(value) if not isinstance(value, Decimal) else str(value)
     if isinstance(value, datetime):
         if value.tzinfo is not None:
-            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+            value = value.astimezone(UTC).replace(tzinfo=None)
         return "'" + value.isoformat(sep=" ") + "'"
     if isinstance(value, date):
         return "'" + value.isoformat() + "'"
@@ -149,7 +149,7 @@ class Warehouse(ABC):
         self.execute(f"CREATE DATABASE IF NOT EXISTS {quote_ident(database)}")
 
     def wait_mutations(self, database: str, table: str, timeout: float = 300.0) -> None:
-        """Block until ALTER ... DELETE/UPDATE mutations on a table are done (old servers are async)."""
+        """Block until ALTER ... DELETE/UPDATE mutations on a table are done (they are async)."""
         import time
 
         deadline = time.monotonic() + timeout
@@ -162,7 +162,9 @@ class Warehouse(ABC):
             if not pending:
                 return
             if time.monotonic() > deadline:
-                raise WarehouseError(f"mutations on {database}.{table} still running after {timeout}s")
+                raise WarehouseError(
+                    f"mutations on {database}.{table} still running after {timeout}s"
+                )
             time.sleep(0.05)
 
     def __enter__(self) -> Warehouse:

@@ -65,7 +65,8 @@ class EmbeddedWarehouse(Warehouse):
         names = ", ".join(f"`{n}`" for n in data.column_names)
         arrow_input = data  # noqa: F841 -- read by name by chDB's Python() table function
         self._query(
-            f"INSERT INTO {qualified(database, table)} ({names}) SELECT {names} FROM Python(arrow_input)",
+            f"INSERT INTO {qualified(database, table)} ({names})"
+            f" SELECT {names} FROM Python(arrow_input)",
             "CSV",
         )
 
@@ -80,7 +81,7 @@ class EmbeddedWarehouse(Warehouse):
 
 
 def _normalise(table: pa.Table) -> pa.Table:
-    """chDB returns DateTime as timestamp[s]; align every timestamp with the server backend (us, UTC)."""
+    """chDB returns DateTime as timestamp[s]: align timestamps with the server backend (us, UTC)."""
     import pyarrow as pa
 
     fields = []

@@ -1,0 +1,63 @@
+# cdc-pipeline: `make demo` and `make test` are the two commands (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STACK ?= .stack
+WAREHOUSE ?= chdb
+USERS ?= 150000
+ORDERS ?= 20000
+PRODUCTS ?= 200
+
+.PHONY: demo test lint format install system-deps stack-up stack-down summary bench clean
+
+$(BIN)/.installed: setup.cfg
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+# Debian packages the local stack needs (PostgreSQL 15; ClickHouse server for the server tests).
+system-deps:
+	@need=""; \
+	[ -x /usr/lib/postgresql/15/bin/initdb ] || need="$$need postgresql"; \
+	command -v clickhouse-server >/dev/null || need="$$need clickhouse-server"; \
+	if [ -n "$$need" ]; then \
+	  echo "installing:$$need"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need; \
+	fi
+
+lint: install
+	$(BIN)/ruff check pipeline tests setup bench
+	$(BIN)/ruff format --check pipeline tests setup bench
+
+format: install
+	$(BIN)/ruff check --fix pipeline tests setup bench
+	$(BIN)/ruff format pipeline tests setup bench
+
+test: install system-deps lint
+	$(BIN)/python -m pytest -q
+
+stack-up: install
+	$(BIN)/python -m pipeline.stack up --root $(STACK) --warehouse $(WAREHOUSE)
+
+stack-down:
+	@[ -x $(BIN)/python ] && $(BIN)/python -m pipeline.stack down --root $(STACK) || true
+
+summary: install
+	set -a; source $(STACK)/env; set +a; $(BIN)/python -m pipeline summary
+
+demo: install stack-up
+	set -a; source $(STACK)/env; set +a; \
+	$(BIN)/python setup/generate_data.py --users $(USERS) --orders $(ORDERS) --products $(PRODUCTS) && \
+	$(BIN)/luigi --module pipeline RunAll --scheduler-url "$$LUIGID_URL" && \
+	$(BIN)/python -m pipeline summary && \
+	echo && echo "luigid UI: $$LUIGID_URL   (stop the stack with: make stack-down)"
+
+bench: install system-deps
+	$(BIN)/python -m bench.run
+
+clean: stack-down
+	rm -rf $(STACK) $(VENV) .pytest_cache .ruff_cache

@@ -40,7 +40,7 @@ def ensure_raw_table(wh: Warehouse, database: str, entity: Entity, schema: pa.Sc
         for f in schema
         if f.name not in META_COLUMNS
     )
-    ts = "DateTime64(6, 'UTC')" if wh.features.datetime64 else "DateTime('UTC')"
+    ts = wh.features.timestamp_type
     wh.execute(
         f"CREATE TABLE IF NOT EXISTS {qualified(database, entity.raw_table)} ({cols},"
         f" `_batch_id` String, `_loaded_at` {ts}, `_row_hash` UInt64)"

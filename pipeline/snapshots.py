@@ -78,16 +78,12 @@ def batch_time(batch_id: str) -> datetime:
     return base.replace(microsecond=micros, tzinfo=UTC)
 
 
-def _ts_type(wh: Warehouse) -> str:
-    return "DateTime64(6, 'UTC')" if wh.features.datetime64 else "DateTime('UTC')"
-
-
 def ensure_storage(wh: Warehouse, names: Names, entity: Entity, schema: pa.Schema) -> None:
     """Create storage + view on first use; add new source columns to both later."""
     import pyarrow as pa
 
     wh.create_database(names.database)
-    ts = _ts_type(wh)
+    ts = wh.features.timestamp_type
     if not wh.table_exists(names.database, names.storage):
         cols = [
             f"{quote_ident(f.name)} "
@@ -205,7 +201,7 @@ def _copy_versions(
     tmp_name = f"{names.storage}__tmp"
     q_tmp = qualified(names.database, tmp_name)
     wh.execute(f"DROP TABLE IF EXISTS {q_tmp}")
-    ts = _ts_type(wh)
+    ts = wh.features.timestamp_type
     defs = ", ".join(
         f"{quote_ident(c)} {ts if c.endswith(('valid_to', 'valid_from')) else 'String'}"
         for c in tmp.column_names

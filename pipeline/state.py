@@ -20,15 +20,16 @@ STATE = "_cdc_state"
 
 def ensure_tables(wh: Warehouse, database: str) -> None:
     wh.create_database(database)
+    ts = wh.features.timestamp_type
     wh.execute(
         f"CREATE TABLE IF NOT EXISTS {qualified(database, BATCHES)} ("
         " entity String, stage String, batch_id String, rows_in UInt64, rows_out UInt64,"
-        " versions_opened UInt64, versions_closed UInt64, finished_at DateTime('UTC')"
+        f" versions_opened UInt64, versions_closed UInt64, finished_at {ts}"
         ") ENGINE = MergeTree ORDER BY (entity, stage, batch_id)"
     )
     wh.execute(
         f"CREATE TABLE IF NOT EXISTS {qualified(database, STATE)} ("
-        " entity String, batch_id String, watermark String, recorded_at DateTime('UTC')"
+        f" entity String, batch_id String, watermark String, recorded_at {ts}"
         ") ENGINE = MergeTree ORDER BY (entity, batch_id)"
     )
 
@@ -56,7 +57,7 @@ def mark_done(
             "rows_out": pa.array([result.rows_out], pa.uint64()),
             "versions_opened": pa.array([result.versions_opened], pa.uint64()),
             "versions_closed": pa.array([result.versions_closed], pa.uint64()),
-            "finished_at": pa.array([datetime.now(UTC)], pa.timestamp("s", "UTC")),
+            "finished_at": pa.array([datetime.now(UTC)], pa.timestamp("us", "UTC")),
         }
     )
     wh.insert_arrow(database, BATCHES, row)
@@ -101,7 +102,7 @@ def save_watermark(
                 "entity": [entity],
                 "batch_id": [batch_id],
                 "watermark": [watermark.astimezone(UTC).isoformat()],
-                "recorded_at": pa.array([datetime.now(UTC)], pa.timestamp("s", "UTC")),
+                "recorded_at": pa.array([datetime.now(UTC)], pa.timestamp("us", "UTC")),
             }
         ),
     )

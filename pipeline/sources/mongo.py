@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 MAX_EXACT_FLOAT_INT = 2**53
 
+# Python type of a BSON value -> name of the pyarrow type factory it converts to directly
+_DIRECT = {str: "string", int: "int64", float: "float64", bool: "bool_"}
+
 
 class MongoSourceError(RuntimeError):
     """MongoDB is unreachable or a value cannot be read; the message names what and where."""
@@ -93,40 +96,38 @@ def _as_text(value: Any, kind: str) -> str:
 
 
 def column_array(values: Sequence[Any], collection: str, field: str) -> pa.Array:
-    """Type one field of a batch of documents (the widening rule lives here)."""
-    import pyarrow as pa
+    """Type one field of a batch of documents (the widening rule lives here).
 
-    kinds = {_kind(v) for v in values if v is not None}
+    Dispatch is on the set of Python types in the column, so a uniform column costs one pass in
+    C; only mixed columns fall back to per-value classification.
+    """
+    import pyarrow as pa
+    from bson import ObjectId
+
+    types = {type(v) for v in values}
+    types.discard(type(None))
     try:
-        if not kinds:
+        if not types:
             return pa.nulls(len(values), pa.null())
-        if len(kinds) == 1:
-            (kind,) = kinds
-            if kind in ("string", "bool", "float"):
+        if len(types) == 1:
+            (kind,) = types
+            if kind in _DIRECT:
+                return pa.array(values, type=getattr(pa, _DIRECT[kind])())
+            if kind is ObjectId:
+                return pa.array([None if v is None else str(v) for v in values], pa.string())
+            if kind is datetime:
                 return pa.array(
-                    values,
-                    type={"string": pa.string(), "bool": pa.bool_(), "float": pa.float64()}[kind],
+                    [None if v is None else _utc(v) for v in values], pa.timestamp("us", "UTC")
                 )
-            if kind == "int":
-                return pa.array(values, type=pa.int64())
-            if kind == "timestamp":
-                return pa.array(
-                    [None if v is None else _utc(v) for v in values], type=pa.timestamp("us", "UTC")
-                )
-            if kind == "objectid":
-                return pa.array([None if v is None else str(v) for v in values], type=pa.string())
-        if kinds == {"int", "float"} and all(
-            not isinstance(v, int) or abs(v) <= MAX_EXACT_FLOAT_INT for v in values
+        if types == {int, float} and all(
+            type(v) is not int or abs(v) <= MAX_EXACT_FLOAT_INT for v in values
         ):
-            return pa.array([None if v is None else float(v) for v in values], type=pa.float64())
+            return pa.array([None if v is None else float(v) for v in values], pa.float64())
         return pa.array(
             [None if v is None else _as_text(v, _kind(v)) for v in values], type=pa.string()
         )
     except (OverflowError, pa.ArrowException) as exc:
-        bad = next(
-            (v for v in values if v is not None and _kind(v) == "int" and abs(v) >= 2**63), None
-        )
-        if bad is not None:
+        if any(type(v) is int and abs(v) >= 2**63 for v in values):
             return pa.array(
                 [None if v is None else _as_text(v, _kind(v)) for v in values], type=pa.string()
             )
@@ -140,8 +141,8 @@ def documents_to_batch(
     import pyarrow as pa
 
     seen = set(fields)
-    for doc in docs:
-        for key in doc:
+    for keys in dict.fromkeys(tuple(doc) for doc in docs):
+        for key in keys:
             if key not in seen:
                 seen.add(key)
                 fields.append(key)

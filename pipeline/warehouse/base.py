@@ -99,6 +99,11 @@ class Features:
     def timestamp_unit(self) -> str:
         return "us" if self.datetime64 else "s"
 
+    @property
+    def timestamp_type(self) -> str:
+        """The column type for instants: microseconds where the server has DateTime64."""
+        return "DateTime64(6, 'UTC')" if self.datetime64 else "DateTime('UTC')"
+
 
 class Warehouse(ABC):
     """A ClickHouse we can run SQL on and move Arrow tables in and out of."""

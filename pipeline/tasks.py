@@ -39,8 +39,16 @@ def sql_dir() -> Path:
 
 
 class EntityTask(luigi.Task):
+    """One stage of one entity for one batch.
+
+    After `run()` the task carries `result` (rows, versions) and, for extracts, `window`, so
+    event handlers (the run audit, alerts) can report them without re-reading anything.
+    """
+
     entity: str = luigi.Parameter()
     batch: str = luigi.Parameter()
+    result: StageResult | None = None
+    window: dict[str, str | None] | None = None
 
     def report(self, message: str, percent: int | None = None) -> None:
         self.set_status_message(message)
@@ -49,6 +57,7 @@ class EntityTask(luigi.Task):
         log.info("%s %s %s: %s", type(self).__name__, self.entity, self.batch, message)
 
     def record(self, stage: str, result: StageResult) -> None:
+        self.result = result
         cfg = settings()
         mark_done(warehouse(), cfg.database, self.entity, stage, self.batch, result)
         self.report(f"{result.rows_in} rows in, {result.rows_out} rows out", 100)
@@ -79,6 +88,8 @@ class Extract(EntityTask):
         )
         batches = self._read(entity, manifest)
         write_batch(store(), manifest, self._counted(batches), cfg.part_rows)
+        self.result = StageResult(rows_in=manifest.rows, rows_out=manifest.rows)
+        self.window = manifest.window or None
         self.report(f"extracted {manifest.rows} rows in {len(manifest.parts)} part(s)", 100)
 
     def _read(self, entity: Any, manifest: Manifest) -> Iterator[pa.RecordBatch]:
@@ -135,6 +146,7 @@ class LoadRaw(EntityTask):
         wh = warehouse()
         ensure_tables(wh, cfg.database)
         manifest = self.input().manifest()
+        self.window = manifest.window or None
         result = load_batch(wh, cfg.database, entity, store(), manifest)
         upper = manifest.window.get("upper")
         if entity.incremental and upper:
@@ -175,6 +187,7 @@ class BuildMart(luigi.Task):
 
     name: str = luigi.Parameter()
     batch: str = luigi.Parameter()
+    result: StageResult | None = None
 
     def requires(self) -> list[luigi.Task]:
         cfg = settings()
@@ -202,14 +215,8 @@ class BuildMart(luigi.Task):
         self.set_status_message(f"built {rows} rows; running tests")
         for result in run_tests(warehouse(), cfg.database, mart):
             log.info("mart %s test %s", mart.name, result)
-        mark_done(
-            warehouse(),
-            cfg.database,
-            f"mart:{self.name}",
-            "mart",
-            self.batch,
-            StageResult(rows_out=rows),
-        )
+        self.result = StageResult(rows_out=rows)
+        mark_done(warehouse(), cfg.database, f"mart:{self.name}", "mart", self.batch, self.result)
         self.set_progress_percentage(100)
 
 

@@ -72,6 +72,9 @@ class Entity:
     hard_deletes: str = "ignore"
     mode: str = "full"  # "full" scan or "incremental" on updated_at
     delete_guard: float = 0.2
+    fields: tuple[str, ...] | None = None  # MongoDB: mapped fields; the rest go to `_extra`
+    flatten: tuple[str, ...] = ()  # MongoDB: nested paths that become columns
+    partitions: int = 1  # MongoDB: `_id` ranges extracted by parallel tasks
 
     @property
     def raw_table(self) -> str:
@@ -166,7 +169,20 @@ def _parse_entity(name: str, options: dict[str, str], delete_guard: float) -> En
         hard_deletes=hard_deletes,
         mode=mode,
         delete_guard=float(options.get("delete_guard", delete_guard)),
+        fields=_split(options["fields"]) if options.get("fields") else None,
+        flatten=_split(options.get("flatten", "")),
+        partitions=_positive_int(options.get("partitions", "1"), f"{where} partitions"),
     )
+
+
+def _positive_int(value: str, what: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
+    return number
 
 
 def load_settings(config_path: str | os.PathLike[str] | None = None) -> Settings:

@@ -75,10 +75,8 @@ def align(wh: Warehouse, database: str, entity: Entity, part: pa.Table) -> pa.Ta
             continue
         if field.name not in existing:
             ch = arrow_to_clickhouse(field.type, wh.features)
-            wh.execute(
-                f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {quote_ident(field.name)} {ch}"
-            )
-        else:
+            wh.execute(f"ALTER TABLE {table} ADD COLUMN {quote_ident(field.name)} {ch}")
+        elif arrow_to_clickhouse(field.type, wh.features) != existing[field.name]:
             raw_type = arrow_type(existing[field.name])
             target = widen(raw_type, field.type)
             if target != raw_type:

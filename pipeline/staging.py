@@ -212,17 +212,36 @@ class Manifest:
 
 
 class StagingTarget(luigi.Target):
-    """A staged batch: exists only once its manifest is written."""
+    """A staged batch (or one `_id` range of it, in `subdir`): exists once its manifest does."""
 
-    def __init__(self, store: Store, source: str, table: str, batch_id: str) -> None:
+    def __init__(
+        self, store: Store, source: str, table: str, batch_id: str, subdir: str = ""
+    ) -> None:
         self.store = store
-        self.prefix = batch_prefix(source, table, batch_id)
+        self.prefix = batch_prefix(source, table, batch_id) + subdir
 
     def exists(self) -> bool:
         return self.store.exists(self.prefix + MANIFEST)
 
     def manifest(self) -> Manifest:
         return Manifest.from_json(self.store.get(self.prefix + MANIFEST))
+
+
+class StagingKeyTarget(luigi.Target):
+    """One small object in staging (e.g. the `_id` range plan of a batch)."""
+
+    def __init__(self, store: Store, key: str) -> None:
+        self.store = store
+        self.key = key
+
+    def exists(self) -> bool:
+        return self.store.exists(self.key)
+
+    def read(self) -> bytes:
+        return self.store.get(self.key)
+
+    def write(self, data: bytes) -> None:
+        self.store.put(self.key, data)
 
 
 def _parquet_bytes(batches: list[pa.RecordBatch]) -> bytes:
@@ -241,16 +260,18 @@ def write_batch(
     manifest: Manifest,
     batches: Iterable[pa.RecordBatch],
     part_rows: int = 500_000,
+    subdir: str = "",
 ) -> Manifest:
     """Stream record batches into parts, then write the manifest last.
 
     A part closes when it reaches `part_rows` or when the schema changes (drift), so each part
-    has one schema and memory is bounded by one part.
+    has one schema and memory is bounded by one part. Part keys are relative to the batch
+    prefix, so range manifests (`subdir`) can be merged into the batch's.
     """
     import xxhash
 
     prefix = batch_prefix(manifest.source, manifest.table, manifest.batch_id)
-    stale = [k for k in store.list(prefix)]
+    stale = [k for k in store.list(prefix + subdir) if "/" not in k[len(prefix + subdir) :]]
     if stale:
         store.delete(stale)
     pending: list[pa.RecordBatch] = []
@@ -261,7 +282,7 @@ def write_batch(
         if not pending:
             return
         data = _parquet_bytes(pending)
-        key = f"part-{len(manifest.parts):05d}.parquet"
+        key = f"{subdir}part-{len(manifest.parts):05d}.parquet"
         store.put(prefix + key, data)
         manifest.parts.append(
             {
@@ -285,6 +306,16 @@ def write_batch(
         if pending_rows >= part_rows:
             flush()
     flush()
+    store.put(prefix + subdir + MANIFEST, manifest.to_json())
+    return manifest
+
+
+def merge_manifests(store: Store, manifest: Manifest, ranges: Iterable[Manifest]) -> Manifest:
+    """Write the batch manifest listing the parts of every range manifest, in range order."""
+    for part_manifest in ranges:
+        manifest.parts.extend(part_manifest.parts)
+        manifest.rows += part_manifest.rows
+    prefix = batch_prefix(manifest.source, manifest.table, manifest.batch_id)
     store.put(prefix + MANIFEST, manifest.to_json())
     return manifest
 

@@ -63,8 +63,40 @@ class EntityTask(luigi.Task):
         self.report(f"{result.rows_in} rows in, {result.rows_out} rows out", 100)
 
 
+def _new_manifest(entity: Any, batch: str) -> Manifest:
+    from pipeline.staging import Manifest
+
+    return Manifest(
+        entity=entity.name,
+        source=entity.source,
+        table=entity.name,
+        batch_id=batch,
+        extracted_at=datetime.now(UTC).isoformat(),
+        full_scan=not entity.incremental,
+    )
+
+
+def _mongo_scan(entity: Any, lower: Any = None, upper: Any = None) -> Iterator[pa.RecordBatch]:
+    from pipeline.sources import mongo
+
+    cfg = settings()
+    mapping = mongo.FieldMapping(entity.fields, entity.flatten)
+    return mongo.scan(
+        cfg.mongo_uri, cfg.mongo_db, entity.object_name, cfg.batch_rows, lower, upper, mapping
+    )
+
+
 class Extract(EntityTask):
-    """Source -> Parquet parts + manifest in staging."""
+    """Source -> Parquet parts + manifest in staging (MongoDB: optionally by `_id` ranges)."""
+
+    def requires(self) -> list[luigi.Task]:
+        entity = settings().entity(self.entity)
+        if entity.source == "mongo" and entity.partitions > 1:
+            return [
+                ExtractRange(entity=self.entity, batch=self.batch, index=i)
+                for i in range(entity.partitions)
+            ]
+        return []
 
     def output(self) -> luigi.Target:
         from pipeline.staging import StagingTarget
@@ -73,21 +105,16 @@ class Extract(EntityTask):
         return StagingTarget(store(), entity.source, entity.name, self.batch)
 
     def run(self) -> None:
-        from pipeline.staging import Manifest, write_batch
+        from pipeline.staging import merge_manifests, write_batch
 
         cfg = settings()
         entity = cfg.entity(self.entity)
-        started = datetime.now(UTC)
-        manifest = Manifest(
-            entity=entity.name,
-            source=entity.source,
-            table=entity.name,
-            batch_id=self.batch,
-            extracted_at=started.isoformat(),
-            full_scan=not entity.incremental,
-        )
-        batches = self._read(entity, manifest)
-        write_batch(store(), manifest, self._counted(batches), cfg.part_rows)
+        manifest = _new_manifest(entity, self.batch)
+        if self.requires():
+            merge_manifests(store(), manifest, [t.manifest() for t in self.input()])
+        else:
+            batches = self._read(entity, manifest)
+            write_batch(store(), manifest, self._counted(batches), cfg.part_rows)
         self.result = StageResult(rows_in=manifest.rows, rows_out=manifest.rows)
         self.window = manifest.window or None
         self.report(f"extracted {manifest.rows} rows in {len(manifest.parts)} part(s)", 100)
@@ -95,9 +122,7 @@ class Extract(EntityTask):
     def _read(self, entity: Any, manifest: Manifest) -> Iterator[pa.RecordBatch]:
         cfg = settings()
         if entity.source == "mongo":
-            from pipeline.sources import mongo
-
-            return mongo.scan(cfg.mongo_uri, cfg.mongo_db, entity.object_name, cfg.batch_rows)
+            return _mongo_scan(entity)
         from pipeline.sources import postgres
         from pipeline.state import load_watermark
 
@@ -126,6 +151,64 @@ class Extract(EntityTask):
             rows += batch.num_rows
             self.report(f"{rows} rows read")
             yield batch
+
+
+class PlanRanges(EntityTask):
+    """Split a MongoDB collection into `partitions` `_id` ranges for parallel extraction."""
+
+    def output(self) -> luigi.Target:
+        from pipeline.staging import StagingKeyTarget, batch_prefix
+
+        entity = settings().entity(self.entity)
+        key = batch_prefix(entity.source, entity.name, self.batch) + "_ranges.json"
+        return StagingKeyTarget(store(), key)
+
+    def run(self) -> None:
+        from pipeline.sources import mongo
+
+        cfg = settings()
+        entity = cfg.entity(self.entity)
+        bounds = mongo.plan_ranges(
+            cfg.mongo_uri, cfg.mongo_db, entity.object_name, entity.partitions
+        )
+        self.output().write(mongo.dump_bounds(bounds))
+        self.report(f"{len(bounds) + 1} range(s)", 100)
+
+
+class ExtractRange(EntityTask):
+    """One `_id` range [bound(index - 1), bound(index)) of a MongoDB collection."""
+
+    index: int = luigi.IntParameter()
+
+    def requires(self) -> luigi.Task:
+        return PlanRanges(entity=self.entity, batch=self.batch)
+
+    def output(self) -> luigi.Target:
+        from pipeline.staging import StagingTarget
+
+        entity = settings().entity(self.entity)
+        return StagingTarget(store(), entity.source, entity.name, self.batch, self.subdir)
+
+    @property
+    def subdir(self) -> str:
+        return f"range={self.index:03d}/"
+
+    def run(self) -> None:
+        from pipeline.sources import mongo
+        from pipeline.staging import write_batch
+
+        cfg = settings()
+        entity = cfg.entity(self.entity)
+        bounds = mongo.load_bounds(self.input().read())
+        manifest = _new_manifest(entity, self.batch)
+        if self.index <= len(bounds):
+            lower = bounds[self.index - 1] if self.index > 0 else None
+            upper = bounds[self.index] if self.index < len(bounds) else None
+            batches = _mongo_scan(entity, lower, upper)
+        else:
+            batches = iter(())
+        write_batch(store(), manifest, batches, cfg.part_rows, self.subdir)
+        self.report(f"range {self.index}: {manifest.rows} rows", 100)
 
 
 class LoadRaw(EntityTask):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -109,3 +110,112 @@ def pg_dsn_factory(postgres: stack.Service) -> Iterator[Callable[[], str]]:
     yield create
     for name in created:
         execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class Env:
+    """One isolated pipeline deployment: its own source databases, staging prefix and warehouse
+    database, on the session's servers. Settings reach the pipeline as CDC_* variables."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values = values
+        self.database = values["CDC_DATABASE"]
+        self._sections: list[str] = []
+
+    @property
+    def wh(self) -> Any:
+        from pipeline import runtime
+
+        return runtime.warehouse()
+
+    def generate(self, users: int, products: int, orders: int, seed: int = 7) -> None:
+        from setup.generate_data import generate
+
+        v = self.values
+        generate(
+            v["CDC_MONGO_URI"],
+            v["CDC_MONGO_DB"],
+            v["CDC_POSTGRES_DSN"],
+            users=users,
+            products=products,
+            orders=orders,
+            seed=seed,
+        )
+
+    def build(self, tasks: list[Any]) -> Any:
+        import luigi
+
+        result = luigi.build(tasks, local_scheduler=True, detailed_summary=True, log_level="INFO")
+        return result.status
+
+    def run(self, batch: str | None = None) -> tuple[str, Any]:
+        from pipeline import RunAll
+        from pipeline.tasks import new_batch_id
+
+        batch = batch or new_batch_id()
+        return batch, self.build([RunAll(batch=batch)])
+
+    def add_entity(self, name: str, **options: str) -> None:
+        """Declare one more [entity.NAME] for this test (removed again at teardown)."""
+        from luigi.configuration import get_config
+
+        from pipeline import runtime
+
+        section = f"entity.{name}"
+        config = get_config()
+        config.add_section(section)
+        for key, value in options.items():
+            config.set(section, key, value)
+        self._sections.append(section)
+        runtime.reset()
+
+    def remove_entities(self) -> None:
+        from luigi.configuration import get_config
+
+        for section in self._sections:
+            get_config().remove_section(section)
+        self._sections.clear()
+
+    def rows(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple]:
+        return self.wh.query_rows(sql.replace("{db}", f"`{self.database}`"), params)
+
+    def count(self, table: str, where: str = "") -> int:
+        return int(self.rows(f"SELECT count() FROM {{db}}.`{table}` {where}")[0][0])
+
+    def mongo(self, collection: str = "users") -> Any:
+        import pymongo
+
+        client = pymongo.MongoClient(self.values["CDC_MONGO_URI"])
+        return client[self.values["CDC_MONGO_DB"]][collection]
+
+    def pg(self) -> Any:
+        import psycopg2
+
+        return psycopg2.connect(self.values["CDC_POSTGRES_DSN"])
+
+
+@pytest.fixture(params=["chdb", "clickhouse"])
+def pipeline_env(
+    request: pytest.FixtureRequest,
+    stack_env: dict[str, str],
+    pg_dsn_factory: Callable[[], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Env]:
+    """An empty, isolated deployment on chDB and on the ClickHouse server."""
+    from pipeline import runtime
+
+    values = dict(stack_env)
+    if request.param == "clickhouse":
+        values["CDC_WAREHOUSE_URL"] = request.getfixturevalue("clickhouse").env["CDC_WAREHOUSE_URL"]
+    tag = uuid.uuid4().hex[:10]
+    values["CDC_DATABASE"] = f"t_{tag}"
+    values["CDC_MONGO_DB"] = f"src_{tag}"
+    values["CDC_POSTGRES_DSN"] = pg_dsn_factory()
+    values["CDC_STAGING_URL"] = f"s3://cdc-staging/{tag}/"
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    runtime.reset()
+    env = Env(values)
+    yield env
+    env.remove_entities()
+    runtime.warehouse().execute(f"DROP DATABASE IF EXISTS `{values['CDC_DATABASE']}`")
+    runtime.reset()

@@ -2,103 +2,30 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import luigi
-import psycopg2
-import pymongo
 import pytest
 from luigi.execution_summary import LuigiStatusCode
 
-from pipeline import RunAll, runtime
-from pipeline.tasks import new_batch_id
-from pipeline.warehouse import Warehouse
+from pipeline import runtime
+from setup.generate_data import generate
+from tests.conftest import Env
 
 ROOT = Path(__file__).resolve().parent.parent
 USERS, PRODUCTS, ORDERS = 60, 8, 150
 
 
-def _load_setup(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "setup" / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-generate_data = _load_setup("generate_data")
-
-
-class Env:
-    """One isolated pipeline deployment: own source databases, staging prefix and warehouse db."""
-
-    def __init__(self, values: dict[str, str]) -> None:
-        self.values = values
-        self.database = values["CDC_DATABASE"]
-
-    @property
-    def wh(self) -> Warehouse:
-        return runtime.warehouse()
-
-    def run(self, batch: str | None = None) -> tuple[str, LuigiStatusCode]:
-        batch = batch or new_batch_id()
-        result = luigi.build(
-            [RunAll(batch=batch)], local_scheduler=True, detailed_summary=True, log_level="INFO"
-        )
-        return batch, result.status
-
-    def rows(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple]:
-        return self.wh.query_rows(sql.replace("{db}", f"`{self.database}`"), params)
-
-    def count(self, table: str, where: str = "") -> int:
-        return int(self.rows(f"SELECT count() FROM {{db}}.`{table}` {where}")[0][0])
-
-    def mongo(self) -> pymongo.collection.Collection:
-        client = pymongo.MongoClient(self.values["CDC_MONGO_URI"])
-        return client[self.values["CDC_MONGO_DB"]]["users"]
-
-    def pg(self) -> Any:
-        return psycopg2.connect(self.values["CDC_POSTGRES_DSN"])
-
-
-@pytest.fixture(params=["chdb", "clickhouse"])
-def env(
-    request: pytest.FixtureRequest,
-    stack_env: dict[str, str],
-    pg_dsn_factory: Callable[[], str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[Env]:
-    values = dict(stack_env)
-    if request.param == "clickhouse":
-        values["CDC_WAREHOUSE_URL"] = request.getfixturevalue("clickhouse").env["CDC_WAREHOUSE_URL"]
-    tag = uuid.uuid4().hex[:10]
-    values["CDC_DATABASE"] = f"t_{tag}"
-    values["CDC_MONGO_DB"] = f"src_{tag}"
-    values["CDC_POSTGRES_DSN"] = pg_dsn_factory()
-    values["CDC_STAGING_URL"] = f"s3://cdc-staging/{tag}/"
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    runtime.reset()
-    generate_data.generate(
-        values["CDC_MONGO_URI"],
-        values["CDC_MONGO_DB"],
-        values["CDC_POSTGRES_DSN"],
-        users=USERS,
-        products=PRODUCTS,
-        orders=ORDERS,
-        seed=7,
-    )
-    yield Env(values)
-    runtime.warehouse().execute(f"DROP DATABASE IF EXISTS `{values['CDC_DATABASE']}`")
-    runtime.reset()
+@pytest.fixture
+def env(pipeline_env: Env) -> Env:
+    """A pipeline deployment with the demo data, small."""
+    pipeline_env.generate(users=USERS, products=PRODUCTS, orders=ORDERS, seed=7)
+    return pipeline_env
 
 
 def test_full_graph_lands_sources_in_raw_snapshots_and_marts(env: Env) -> None:
@@ -252,7 +179,7 @@ def test_luigi_command_line_exit_codes(
         "CDC_POSTGRES_DSN": pg_dsn_factory(),
         "CDC_STAGING_URL": f"s3://cdc-staging/{tag}/",
     }
-    generate_data.generate(
+    generate(
         values["CDC_MONGO_URI"], values["CDC_MONGO_DB"], values["CDC_POSTGRES_DSN"], 20, 3, 30, 1
     )
     luigi_bin = str(Path(sys.executable).parent / "luigi")

@@ -11,6 +11,7 @@ import base64
 import json
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -102,9 +103,9 @@ def column_array(values: Sequence[Any], collection: str, field: str) -> pa.Array
     C; only mixed columns fall back to per-value classification.
     """
     import pyarrow as pa
-    from bson import ObjectId
+    from bson import Int64, ObjectId
 
-    types = {type(v) for v in values}
+    types = {int if t is Int64 else t for t in {type(v) for v in values}}
     types.discard(type(None))
     try:
         if not types:
@@ -120,26 +121,78 @@ def column_array(values: Sequence[Any], collection: str, field: str) -> pa.Array
                     [None if v is None else _utc(v) for v in values], pa.timestamp("us", "UTC")
                 )
         if types == {int, float} and all(
-            type(v) is not int or abs(v) <= MAX_EXACT_FLOAT_INT for v in values
+            not isinstance(v, int) or abs(v) <= MAX_EXACT_FLOAT_INT for v in values
         ):
             return pa.array([None if v is None else float(v) for v in values], pa.float64())
         return pa.array(
             [None if v is None else _as_text(v, _kind(v)) for v in values], type=pa.string()
         )
     except (OverflowError, pa.ArrowException) as exc:
-        if any(type(v) is int and abs(v) >= 2**63 for v in values):
+        if any(isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 2**63 for v in values):
             return pa.array(
                 [None if v is None else _as_text(v, _kind(v)) for v in values], type=pa.string()
             )
         raise MongoSourceError(f"{collection}: field {field!r} cannot be typed: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class FieldMapping:
+    """Which fields become columns: all of them (default), or `fields` plus `_extra` JSON.
+
+    `flatten` names dotted paths inside nested documents that become columns of their own
+    (`address.city` -> column `address__city`); the rest of a nested document stays JSON.
+    """
+
+    fields: tuple[str, ...] | None = None
+    flatten: tuple[str, ...] = ()
+
+
+EXTRA = "_extra"
+
+
+def _dig(doc: dict[str, Any], path: str) -> Any:
+    value: Any = doc
+    for part in path.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def flat_name(path: str) -> str:
+    return path.replace(".", "__")
+
+
+def _shape(docs: Sequence[dict[str, Any]], mapping: FieldMapping) -> Sequence[dict[str, Any]]:
+    """Apply flatten paths and the `fields` list (unmapped fields go to `_extra`)."""
+    if mapping.fields is None and not mapping.flatten:
+        return docs
+    shaped = []
+    keep = None if mapping.fields is None else {"_id", *mapping.fields}
+    for doc in docs:
+        out = {flat_name(p): _dig(doc, p) for p in mapping.flatten}
+        extra = {}
+        for key, value in doc.items():
+            if keep is None or key in keep:
+                out[key] = value
+            else:
+                extra[key] = value
+        if keep is not None:
+            out[EXTRA] = canonical_json(extra) if extra else None
+        shaped.append(out)
+    return shaped
+
+
 def documents_to_batch(
-    docs: Sequence[dict[str, Any]], collection: str, fields: list[str]
+    docs: Sequence[dict[str, Any]],
+    collection: str,
+    fields: list[str],
+    mapping: FieldMapping | None = None,
 ) -> pa.RecordBatch:
     """Turn documents into one record batch; `fields` keeps first-seen order across batches."""
     import pyarrow as pa
 
+    docs = _shape(docs, mapping or FieldMapping())
     seen = set(fields)
     for keys in dict.fromkeys(tuple(doc) for doc in docs):
         for key in keys:
@@ -175,21 +228,118 @@ def connect(uri: str, timeout_ms: int = 5000) -> Any:
     return client
 
 
+def _id_filter(lower: Any, upper: Any) -> dict[str, Any]:
+    bounds: dict[str, Any] = {}
+    if lower is not None:
+        bounds["$gte"] = lower
+    if upper is not None:
+        bounds["$lt"] = upper
+    return {"_id": bounds} if bounds else {}
+
+
+def _prefetch(cursor: Any, size: int, depth: int = 2) -> Iterator[list[dict[str, Any]]]:
+    """Read chunks of documents in a thread, so decoding overlaps the server's work."""
+    import queue
+    import threading
+
+    chunks: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            chunk: list[dict[str, Any]] = []
+            for doc in cursor:
+                chunk.append(doc)
+                if len(chunk) >= size:
+                    chunks.put(chunk)
+                    chunk = []
+                    if stop.is_set():
+                        return
+            if chunk:
+                chunks.put(chunk)
+            chunks.put(done)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            chunks.put(exc)
+
+    thread = threading.Thread(target=produce, name="mongo-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := chunks.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                chunks.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+
 def scan(
-    uri: str, database: str, collection: str, batch_rows: int = 50_000
+    uri: str,
+    database: str,
+    collection: str,
+    batch_rows: int = 50_000,
+    lower: Any = None,
+    upper: Any = None,
+    mapping: FieldMapping | None = None,
 ) -> Iterator[pa.RecordBatch]:
-    """Full scan in `_id` order, yielding record batches of at most `batch_rows` documents."""
+    """Full scan (or the `_id` range [lower, upper)) in `_id` order, in record batches.
+
+    The `_id` index is hinted rather than sorted on: the scan walks the index in order, which is
+    free on MongoDB and avoids a server-side sort on servers that would do one.
+    """
+    from pymongo.errors import PyMongoError
+
     client = connect(uri)
     try:
-        cursor = client[database][collection].find({}, sort=[("_id", 1)], batch_size=batch_rows)
+        cursor = client[database][collection].find(
+            _id_filter(lower, upper), hint=[("_id", 1)], batch_size=min(batch_rows, 10_000)
+        )
         fields: list[str] = ["_id"]
-        docs: list[dict[str, Any]] = []
-        for doc in cursor:
-            docs.append(doc)
-            if len(docs) >= batch_rows:
-                yield documents_to_batch(docs, collection, fields)
-                docs = []
-        if docs:
-            yield documents_to_batch(docs, collection, fields)
+        for docs in _prefetch(cursor, batch_rows):
+            yield documents_to_batch(docs, collection, fields, mapping)
+    except PyMongoError as exc:
+        raise MongoSourceError(f"MongoDB {database}.{collection}: read failed: {exc}") from exc
     finally:
         client.close()
+
+
+def plan_ranges(uri: str, database: str, collection: str, parts: int) -> list[Any]:
+    """`parts - 1` `_id` boundaries splitting the collection into ranges of similar size.
+
+    One pass over the `_id` index (ids only); the ranges [b(i-1), b(i)) cover every document
+    that exists at extraction time, whatever was inserted in between.
+    """
+    client = connect(uri)
+    try:
+        coll = client[database][collection]
+        total = coll.count_documents({})
+        if parts <= 1 or total < parts:
+            return []
+        step = total / parts
+        targets = {int(step * i) for i in range(1, parts)}
+        bounds = []
+        ids = coll.find({}, {"_id": 1}, hint=[("_id", 1)], batch_size=10_000)
+        for position, doc in enumerate(ids):
+            if position in targets:
+                bounds.append(doc["_id"])
+        return bounds
+    finally:
+        client.close()
+
+
+def dump_bounds(bounds: list[Any]) -> bytes:
+    """Boundaries as canonical extended JSON, so ObjectIds and dates round-trip exactly."""
+    from bson import json_util
+
+    return json_util.dumps(bounds, json_options=json_util.CANONICAL_JSON_OPTIONS).encode()
+
+
+def load_bounds(data: bytes) -> list[Any]:
+    from bson import json_util
+
+    return json_util.loads(data.decode(), json_options=json_util.CANONICAL_JSON_OPTIONS)

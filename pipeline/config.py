@@ -75,6 +75,12 @@ class Entity:
     fields: tuple[str, ...] | None = None  # MongoDB: mapped fields; the rest go to `_extra`
     flatten: tuple[str, ...] = ()  # MongoDB: nested paths that become columns
     partitions: int = 1  # MongoDB: `_id` ranges extracted by parallel tasks
+    meta_names: tuple[tuple[str, str], ...] = ()  # dbt's snapshot_meta_column_names
+    valid_to_current: str | None = None  # dbt's dbt_valid_to_current (a UTC timestamp)
+
+    def meta_name(self, column: str) -> str:
+        """The public name of a meta column (dbt_valid_from unless renamed)."""
+        return dict(self.meta_names).get(column, column)
 
     @property
     def raw_table(self) -> str:
@@ -172,7 +178,28 @@ def _parse_entity(name: str, options: dict[str, str], delete_guard: float) -> En
         fields=_split(options["fields"]) if options.get("fields") else None,
         flatten=_split(options.get("flatten", "")),
         partitions=_positive_int(options.get("partitions", "1"), f"{where} partitions"),
+        meta_names=_meta_names(options.get("snapshot_meta_column_names", ""), where),
+        valid_to_current=options.get("dbt_valid_to_current") or None,
     )
+
+
+META_COLUMNS = ("dbt_scd_id", "dbt_updated_at", "dbt_valid_from", "dbt_valid_to", "dbt_is_deleted")
+
+
+def _meta_names(value: str, where: str) -> tuple[tuple[str, str], ...]:
+    """`dbt_valid_from: valid_from, dbt_valid_to: valid_to` -> pairs, validated."""
+    pairs = []
+    for item in _split_pairs(value):
+        meta, _, name = item.partition(":")
+        meta, name = meta.strip(), name.strip()
+        if meta not in META_COLUMNS:
+            raise ConfigError(f"{where}: snapshot_meta_column_names: unknown column {meta!r}")
+        pairs.append((meta, check_name(name, f"{where} snapshot_meta_column_names value")))
+    return tuple(pairs)
+
+
+def _split_pairs(value: str) -> list[str]:
+    return [item for item in (p.strip() for p in value.split(",")) if item]
 
 
 def _positive_int(value: str, what: str) -> int:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from pipeline.config import Entity
 from pipeline.scd2 import TS, Diff, SnapshotError, Spec, diff, invariant_violations
 from pipeline.state import StageResult, last_done
-from pipeline.warehouse import Warehouse, arrow_to_clickhouse, qualified, quote_ident
+from pipeline.warehouse import Warehouse, arrow_to_clickhouse, literal, qualified, quote_ident
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -36,8 +36,10 @@ class InvariantError(SnapshotError):
 
 @dataclass(frozen=True)
 class Names:
+    """Where a snapshot lives; side tables (rebuilds, adoptions) have no view of their own."""
+
     database: str
-    view: str
+    view: str | None
     storage: str
 
     @classmethod
@@ -50,6 +52,7 @@ class Names:
 
     @property
     def q_view(self) -> str:
+        assert self.view is not None
         return qualified(self.database, self.view)
 
 
@@ -116,17 +119,42 @@ def ensure_storage(wh: Warehouse, names: Names, entity: Entity, schema: pa.Schem
                 f"ALTER TABLE {names.q_storage} ADD COLUMN {quote_ident(field.name)}"
                 f" {arrow_to_clickhouse(field.type, wh.features)}"
             )
-    ensure_view(wh, names)
+    if names.view is not None:
+        ensure_view(wh, names, entity)
 
 
-def ensure_view(wh: Warehouse, names: Names) -> None:
-    """(Re)create the public view when the storage columns changed."""
-    storage_cols = [c for c in wh.columns(names.database, names.storage) if c not in INTERNAL]
+def view_columns(wh: Warehouse, names: Names, entity: Entity) -> list[tuple[str, str]]:
+    """(public name, expression) of each view column: meta columns renamed as configured."""
+    columns = []
+    for column in wh.columns(names.database, names.storage):
+        if column in INTERNAL:
+            continue
+        expression = quote_ident(column)
+        if column == "dbt_valid_to" and entity.valid_to_current:
+            far = literal(entity.valid_to_current)
+            expression = f"ifNull(dbt_valid_to, {_to_ts(wh, far)})"
+        columns.append((entity.meta_name(column), expression))
+    return columns
+
+
+def _to_ts(wh: Warehouse, text_literal: str) -> str:
+    if wh.features.datetime64:
+        return f"toDateTime64({text_literal}, 6, 'UTC')"
+    return f"toDateTime({text_literal}, 'UTC')"
+
+
+def ensure_view(wh: Warehouse, names: Names, entity: Entity) -> None:
+    """(Re)create the public view when its columns changed (new source columns, renames)."""
+    columns = view_columns(wh, names, entity)
+    assert names.view is not None
     if wh.table_exists(names.database, names.view):
-        if list(wh.columns(names.database, names.view)) == storage_cols:
+        if list(wh.columns(names.database, names.view)) == [name for name, _ in columns]:
             return
         wh.execute(f"DROP TABLE IF EXISTS {names.q_view}")
-    select = ", ".join(quote_ident(c) for c in storage_cols)
+    select = ", ".join(
+        expr if expr == quote_ident(name) else f"{expr} AS {quote_ident(name)}"
+        for name, expr in columns
+    )
     wh.execute(
         f"CREATE VIEW IF NOT EXISTS {names.q_view} AS SELECT {select} FROM {names.q_storage} FINAL"
     )
@@ -261,16 +289,28 @@ def check_invariants(wh: Warehouse, names: Names, entity: Entity) -> list[str]:
 
 
 def apply_batch(
-    wh: Warehouse, database: str, entity: Entity, batch_id: str, force_deletes: bool = False
+    wh: Warehouse,
+    database: str,
+    entity: Entity,
+    batch_id: str,
+    force_deletes: bool = False,
+    names: Names | None = None,
 ) -> StageResult:
-    """Apply one loaded raw batch to the entity's history, in batch order."""
-    last = last_done(wh, database, entity.name, STAGE)
-    if last is not None and batch_id < last:
-        raise SnapshotError(
-            f"{entity.name}: batch {batch_id} is older than the last applied batch {last};"
-            " batches apply in order"
-        )
-    names = Names.of(database, entity)
+    """Apply one loaded raw batch to the entity's history, in batch order.
+
+    `names` redirects the writes (a rebuild replays history into a side table); the batch-order
+    check then is the caller's business.
+    """
+    if names is None:
+        names = Names.of(database, entity)
+        last = last_done(wh, database, entity.name, STAGE)
+        if last == batch_id:
+            return StageResult()  # applied already: re-applying changes nothing
+        if last is not None and batch_id < last:
+            raise SnapshotError(
+                f"{entity.name}: batch {batch_id} is older than the last applied batch {last};"
+                " batches apply in order"
+            )
     incoming = read_incoming(wh, database, entity, batch_id)
     if incoming.num_columns == 0 and not wh.table_exists(database, names.storage):
         return StageResult()

@@ -1,0 +1,145 @@
+"""Snapshot stage through the real graph: rebuild, dbt adoption, meta names, guard, order."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from luigi.execution_summary import LuigiStatusCode
+
+from pipeline import runtime
+from pipeline.config import settings
+from pipeline.scd2 import SnapshotError
+from pipeline.snapshot_maintenance import adopt, rebuild
+from pipeline.snapshots import apply_batch
+from pipeline.tasks import Snapshot, new_batch_id
+from setup.simulate_cdc import simulate
+from tests.conftest import Env
+
+
+def _history(env: Env, table: str, key: str) -> list[tuple]:
+    return env.rows(f"SELECT * FROM {{db}}.{table} ORDER BY {key}, dbt_valid_from")
+
+
+def _pause(env: Env) -> None:
+    """Whole-second timestamps on servers without DateTime64: keep batches a second apart."""
+    if not env.wh.features.datetime64:
+        time.sleep(1.05)
+
+
+@pytest.fixture
+def env(pipeline_env: Env) -> Env:
+    pipeline_env.generate(users=80, products=6, orders=120, seed=3)
+    return pipeline_env
+
+
+def test_rebuild_from_raw_equals_incremental_history(env: Env) -> None:
+    for step in range(3):
+        _, status = env.run()
+        assert status == LuigiStatusCode.SUCCESS
+        v = env.values
+        simulate(v["CDC_MONGO_URI"], v["CDC_MONGO_DB"], v["CDC_POSTGRES_DSN"], 12, seed=step)
+        _pause(env)
+    _, status = env.run()
+    assert status == LuigiStatusCode.SUCCESS
+    users = _history(env, "users_snapshot", "_id")
+    orders = _history(env, "orders_snapshot", "order_id")
+    assert len(users) > 80 and len(orders) > 120  # history moved
+    cfg = settings()
+    assert rebuild(env.wh, env.database, cfg.entity("users")) == 4
+    assert rebuild(env.wh, env.database, cfg.entity("orders")) == 4
+    assert _history(env, "users_snapshot", "_id") == users
+    assert _history(env, "orders_snapshot", "order_id") == orders
+
+
+def test_adopt_a_dbt_snapshot_table_in_place(env: Env) -> None:
+    ts = env.wh.features.timestamp_type
+    db = f"`{env.database}`"
+    env.wh.create_database(env.database)
+    env.wh.execute(
+        f"CREATE TABLE {db}.users_snapshot (_id String, user_id Nullable(String),"
+        " firstName Nullable(String), lastName Nullable(String), occupation Nullable(String),"
+        f" state Nullable(String), dbt_scd_id String, dbt_updated_at {ts},"
+        f" dbt_valid_from {ts}, dbt_valid_to Nullable({ts}))"
+        " ENGINE = MergeTree ORDER BY _id"
+    )
+    user = env.mongo().find_one({}, sort=[("user_id", 1)])
+    uid, oid = user["user_id"], str(user["_id"])
+    env.wh.execute(
+        f"INSERT INTO {db}.users_snapshot SELECT %(id)s, %(u)s, 'A', 'B', 'Clerk', 'Kano',"
+        " 'old', toDateTime('2024-01-01 00:00:00', 'UTC'),"
+        " toDateTime('2024-01-01 00:00:00', 'UTC'), toDateTime('2024-02-01 00:00:00', 'UTC')",
+        {"id": oid, "u": uid},
+    )
+    env.wh.execute(
+        f"INSERT INTO {db}.users_snapshot SELECT %(id)s, %(u)s, 'A', 'B', %(o)s, %(s)s, 'cur',"
+        " toDateTime('2024-02-01 00:00:00', 'UTC'), toDateTime('2024-02-01 00:00:00', 'UTC'),"
+        " NULL",
+        {"id": oid, "u": uid, "o": user["occupation"], "s": user["state"]},
+    )
+    assert adopt(env.wh, env.database, settings().entity("users")) == 2
+    assert env.wh.table_exists(env.database, "users_snapshot__dbt")
+    env.mongo().update_one({"_id": user["_id"]}, {"$set": {"occupation": "Senior Engineer"}})
+    batch = new_batch_id()
+    assert env.build([Snapshot(entity="users", batch=batch)]) == LuigiStatusCode.SUCCESS
+    history = env.rows(
+        "SELECT occupation, dbt_scd_id, dbt_valid_to IS NULL FROM {db}.users_snapshot"
+        " WHERE user_id = %(u)s ORDER BY dbt_valid_from",
+        {"u": uid},
+    )
+    assert [(h[0], h[2]) for h in history] == [
+        ("Clerk", 0),
+        (user["occupation"], 0),
+        ("Senior Engineer", 1),
+    ]
+    assert [h[1] for h in history[:2]] == ["old", "cur"]
+    others = env.rows(
+        "SELECT count() FROM {db}.users_snapshot WHERE dbt_valid_to IS NULL AND user_id != %(u)s",
+        {"u": uid},
+    )
+    assert others == [(79,)] and env.count("users_snapshot") == 82  # others start their history
+
+
+def test_meta_column_names_and_valid_to_current(env: Env) -> None:
+    env.add_entity(
+        "people",
+        source="mongo",
+        collection="users",
+        unique_key="_id",
+        strategy="check",
+        check_cols="state",
+        snapshot_meta_column_names="dbt_valid_from: valid_from, dbt_valid_to: valid_to",
+        dbt_valid_to_current="2100-01-01 00:00:00",
+    )
+    assert env.build([Snapshot(entity="people", batch=new_batch_id())]) == LuigiStatusCode.SUCCESS
+    columns = list(env.wh.columns(env.database, "people_snapshot"))
+    assert "valid_from" in columns and "valid_to" in columns and "dbt_valid_to" not in columns
+    far = env.rows("SELECT DISTINCT toYear(valid_to) FROM {db}.people_snapshot")
+    assert far == [(2100,)]
+
+
+def test_delete_guard_refuses_then_force_passes(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    assert env.build([Snapshot(entity="users", batch=new_batch_id())]) == LuigiStatusCode.SUCCESS
+    ids = [d["_id"] for d in env.mongo().find({}, {"_id": 1}).limit(30)]
+    env.mongo().delete_many({"_id": {"$in": ids}})
+    _pause(env)
+    batch = new_batch_id()
+    assert env.build([Snapshot(entity="users", batch=batch)]) == LuigiStatusCode.FAILED
+    assert "would retire 30 of 80 live keys" in caplog.text
+    assert env.count("users_snapshot", "WHERE dbt_valid_to IS NULL") == 80
+    forced = Snapshot(entity="users", batch=batch, force_deletes=True)
+    assert env.build([forced]) == LuigiStatusCode.SUCCESS
+    assert env.count("users_snapshot", "WHERE dbt_valid_to IS NULL") == 50
+
+
+def test_batches_apply_in_order(env: Env) -> None:
+    older, newer = new_batch_id(), new_batch_id()
+    assert env.build([Snapshot(entity="users", batch=newer)]) == LuigiStatusCode.SUCCESS
+    from pipeline.tasks import LoadRaw
+
+    assert env.build([LoadRaw(entity="users", batch=older)]) == LuigiStatusCode.SUCCESS
+    with pytest.raises(SnapshotError, match=f"batch {older} is older than the last applied"):
+        apply_batch(runtime.warehouse(), env.database, settings().entity("users"), older)
+    before = env.count("users_snapshot__versions")
+    apply_batch(runtime.warehouse(), env.database, settings().entity("users"), newer)
+    assert env.count("users_snapshot__versions") == before  # re-applying changes nothing

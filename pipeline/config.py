@@ -47,6 +47,8 @@ DEFAULTS: dict[str, str] = {
     "batch_rows": "50000",
     "part_rows": "500000",
     "delete_guard": "0.2",
+    "staging_retention_days": "7",
+    "raw_retention_days": "30",
 }
 
 STRATEGIES = ("check", "timestamp")
@@ -77,6 +79,8 @@ class Entity:
     partitions: int = 1  # MongoDB: `_id` ranges extracted by parallel tasks
     meta_names: tuple[tuple[str, str], ...] = ()  # dbt's snapshot_meta_column_names
     valid_to_current: str | None = None  # dbt's dbt_valid_to_current (a UTC timestamp)
+    reconcile: bool = False  # PostgreSQL: read all keys each batch to see hard deletes
+    raw_retention_days: float = 0  # full-scan raw copies older than this go (0 = keep all)
 
     def meta_name(self, column: str) -> str:
         """The public name of a meta column (dbt_valid_from unless renamed)."""
@@ -110,6 +114,7 @@ class Settings:
     lookback_minutes: float
     batch_rows: int
     part_rows: int
+    staging_retention_days: float
     entities: tuple[Entity, ...]
 
     def entity(self, name: str) -> Entity:
@@ -134,7 +139,9 @@ def _split(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in re.split(r"[,\s]+", value) if part.strip())
 
 
-def _parse_entity(name: str, options: dict[str, str], delete_guard: float) -> Entity:
+def _parse_entity(
+    name: str, options: dict[str, str], delete_guard: float, raw_retention: float = 0
+) -> Entity:
     where = f"[{ENTITY_PREFIX}{name}]"
     check_name(name, f"entity name in {where}")
 
@@ -164,6 +171,11 @@ def _parse_entity(name: str, options: dict[str, str], delete_guard: float) -> En
         raise ConfigError(f"{where}: mode must be full or incremental, got {mode!r}")
     if mode == "incremental" and (source != "postgres" or not updated_at):
         raise ConfigError(f"{where}: mode = incremental needs a postgres table and 'updated_at'")
+    reconcile = options.get("reconcile", "false").strip().lower() in ("1", "true", "yes", "on")
+    if reconcile and (source != "postgres" or mode != "incremental"):
+        raise ConfigError(f"{where}: reconcile applies to incremental postgres tables only")
+    if reconcile and hard_deletes == "ignore":
+        raise ConfigError(f"{where}: reconcile needs hard_deletes = invalidate or new_record")
     return Entity(
         name=name,
         source=source,
@@ -180,6 +192,8 @@ def _parse_entity(name: str, options: dict[str, str], delete_guard: float) -> En
         partitions=_positive_int(options.get("partitions", "1"), f"{where} partitions"),
         meta_names=_meta_names(options.get("snapshot_meta_column_names", ""), where),
         valid_to_current=options.get("dbt_valid_to_current") or None,
+        reconcile=reconcile,
+        raw_retention_days=float(options.get("raw_retention_days", raw_retention)),
     )
 
 
@@ -230,8 +244,11 @@ def load_settings(config_path: str | os.PathLike[str] | None = None) -> Settings
         if override is not None:
             values[key] = override
     delete_guard = float(values["delete_guard"])
+    raw_retention = float(values["raw_retention_days"])
     entities = tuple(
-        _parse_entity(s.removeprefix(ENTITY_PREFIX), dict(parser.items(s)), delete_guard)
+        _parse_entity(
+            s.removeprefix(ENTITY_PREFIX), dict(parser.items(s)), delete_guard, raw_retention
+        )
         for s in parser.sections()
         if s.startswith(ENTITY_PREFIX)
     )
@@ -251,6 +268,7 @@ def load_settings(config_path: str | os.PathLike[str] | None = None) -> Settings
         lookback_minutes=float(values["lookback_minutes"]),
         batch_rows=int(values["batch_rows"]),
         part_rows=int(values["part_rows"]),
+        staging_retention_days=float(values["staging_retention_days"]),
         entities=entities,
     )
 

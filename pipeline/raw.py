@@ -7,12 +7,12 @@ deletes what a crashed attempt inserted, and the marker row is written after the
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from pipeline.config import Entity
 from pipeline.hashing import encode_key, row_hash
-from pipeline.state import StageResult
+from pipeline.state import StageResult, failpoint
 from pipeline.warehouse import Warehouse, arrow_to_clickhouse, qualified, quote_ident
 from pipeline.warehouse.server import arrow_type
 
@@ -45,7 +45,56 @@ def ensure_raw_table(wh: Warehouse, database: str, entity: Entity, schema: pa.Sc
         f"CREATE TABLE IF NOT EXISTS {qualified(database, entity.raw_table)} ({cols},"
         f" `_batch_id` String, `_loaded_at` {ts}, `_row_hash` UInt64)"
         " ENGINE = MergeTree PARTITION BY toYYYYMM(_loaded_at) ORDER BY (_batch_id)"
+        + _ttl(wh, entity)
     )
+
+
+def _ttl(wh: Warehouse, entity: Entity) -> str:
+    """Raw retention as a TTL clause, for full-scan entities on servers that have TTL."""
+    if entity.incremental or entity.raw_retention_days <= 0 or not wh.features.ttl:
+        return ""
+    seconds = int(entity.raw_retention_days * 86400)
+    return f" TTL toDateTime(_loaded_at) + INTERVAL {seconds} SECOND"
+
+
+def drop_expired_partitions(
+    wh: Warehouse, database: str, table: str, days: float, now: datetime
+) -> list[int]:
+    """Retention without TTL: drop whole months whose newest row is older than `days`.
+
+    The month holding the newest load is never dropped, so the latest batch always stays.
+    """
+    if days <= 0 or not wh.table_exists(database, table):
+        return []
+    q_table = qualified(database, table)
+    months = wh.query_rows(
+        f"SELECT toYYYYMM(_loaded_at) AS p, max(_loaded_at) FROM {q_table} GROUP BY p ORDER BY p"
+    )
+    if len(months) < 2:
+        return []
+    cutoff = now - timedelta(days=days)
+    dropped = []
+    for month, newest in months[:-1]:
+        newest = newest if newest.tzinfo else newest.replace(tzinfo=UTC)
+        if newest < cutoff:
+            wh.execute(f"ALTER TABLE {q_table} DROP PARTITION {int(month)}")
+            dropped.append(int(month))
+    return dropped
+
+
+def apply_retention(wh: Warehouse, database: str, entity: Entity) -> list[int]:
+    """Bound the growth of full-scan raw copies and reconciliation key lists."""
+    now = datetime.now(UTC)
+    dropped = []
+    if not entity.incremental and not wh.features.ttl:
+        dropped += drop_expired_partitions(
+            wh, database, entity.raw_table, entity.raw_retention_days, now
+        )
+    if entity.reconcile:
+        dropped += drop_expired_partitions(
+            wh, database, keys_table(entity), entity.raw_retention_days, now
+        )
+    return dropped
 
 
 def widen(raw: pa.DataType, incoming: pa.DataType) -> pa.DataType:
@@ -105,15 +154,15 @@ def _cast(
         ) from exc
 
 
-def discard_partial(wh: Warehouse, database: str, entity: Entity, batch_id: str) -> int:
+def discard_partial(wh: Warehouse, database: str, table: str, batch_id: str) -> int:
     """Delete rows a crashed attempt left for this batch; returns how many there were."""
-    table = qualified(database, entity.raw_table)
-    if not wh.table_exists(database, entity.raw_table):
+    if not wh.table_exists(database, table):
         return 0
-    left = wh.scalar(f"SELECT count() FROM {table} WHERE _batch_id = %(b)s", {"b": batch_id})
+    q_table = qualified(database, table)
+    left = wh.scalar(f"SELECT count() FROM {q_table} WHERE _batch_id = %(b)s", {"b": batch_id})
     if left:
-        wh.execute(f"ALTER TABLE {table} DELETE WHERE _batch_id = %(b)s", {"b": batch_id})
-        wh.wait_mutations(database, entity.raw_table)
+        wh.execute(f"ALTER TABLE {q_table} DELETE WHERE _batch_id = %(b)s", {"b": batch_id})
+        wh.wait_mutations(database, table)
     return int(left or 0)
 
 
@@ -176,7 +225,7 @@ def load_batch(
     lower = manifest.window.get("lower") if not manifest.full_scan else None
     skip: pa.Array | None = None
     rows_in = rows_out = 0
-    discard_partial(wh, database, entity, manifest.batch_id)
+    discard_partial(wh, database, entity.raw_table, manifest.batch_id)
     for part in read_parts(store, manifest):
         rows_in += part.num_rows
         ensure_raw_table(wh, database, entity, part.schema)
@@ -202,4 +251,47 @@ def load_batch(
         )
         wh.insert_arrow(database, entity.raw_table, part)
         rows_out += n
+        failpoint("raw-after-part", f"{entity.name} batch {manifest.batch_id}")
     return StageResult(rows_in=rows_in, rows_out=rows_out)
+
+
+def keys_table(entity: Entity) -> str:
+    return f"{entity.raw_table}__keys"
+
+
+def load_keys(
+    wh: Warehouse, database: str, entity: Entity, store: Store, manifest: Manifest
+) -> int:
+    """Load a batch's full key list (reconciliation) into `raw_<entity>__keys`, exactly once."""
+    import pyarrow as pa
+
+    from pipeline.staging import read_parts
+
+    table = keys_table(entity)
+    q_table = qualified(database, table)
+    loaded_at = datetime.now(UTC)
+    rows = 0
+    if wh.table_exists(database, table):
+        wh.execute(
+            f"ALTER TABLE {q_table} DELETE WHERE _batch_id = %(b)s", {"b": manifest.batch_id}
+        )
+        wh.wait_mutations(database, table)
+    for part in read_parts(store, manifest):
+        if not wh.table_exists(database, table):
+            cols = ", ".join(
+                f"{quote_ident(f.name)} {arrow_to_clickhouse(f.type, wh.features, nullable=False)}"
+                for f in part.schema
+            )
+            wh.execute(
+                f"CREATE TABLE IF NOT EXISTS {q_table} ({cols}, `_batch_id` String,"
+                f" `_loaded_at` {wh.features.timestamp_type})"
+                " ENGINE = MergeTree PARTITION BY toYYYYMM(_loaded_at) ORDER BY (_batch_id)"
+            )
+        n = part.num_rows
+        part = part.append_column("_batch_id", pa.array([manifest.batch_id] * n, pa.string()))
+        part = part.append_column(
+            "_loaded_at", pa.array([loaded_at] * n, pa.timestamp("us", "UTC"))
+        )
+        wh.insert_arrow(database, table, part)
+        rows += n
+    return rows

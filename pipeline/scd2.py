@@ -90,11 +90,19 @@ def _match(left: pa.Array, right: pa.Array) -> pa.Array:
     return pc.index_in(left, value_set=right) if len(right) else pa.nulls(len(left), pa.int32())
 
 
-def diff(spec: Spec, current: pa.Table, incoming: pa.Table, batch_ts: datetime) -> Diff:
+def diff(
+    spec: Spec,
+    current: pa.Table,
+    incoming: pa.Table,
+    batch_ts: datetime,
+    present: pa.Table | None = None,
+) -> Diff:
     """Versions to open and close so that history reflects `incoming` as of `batch_ts`.
 
     `current` holds the current version of each key (unique_key columns, dbt_scd_id, _hash,
     dbt_updated_at, dbt_valid_from, and dbt_is_deleted when hard_deletes = new_record).
+    `present` (reconciliation) lists every key the source still has, for incremental batches:
+    live keys in neither `present` nor `incoming` are retired like keys missing from a full scan.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -170,7 +178,11 @@ def diff(spec: Spec, current: pa.Table, incoming: pa.Table, batch_ts: datetime) 
     )
     live = pc.invert(cur_deleted)
     live_before = pc.sum(live.cast(pa.int64())).as_py() or 0
-    retired = _retired(spec, current, cur_keys, in_keys, live, live_before)
+    seen = in_keys
+    if present is not None:
+        present_keys = encode_key(present, spec.unique_key)
+        seen = pa.concat_arrays([in_keys, _combined(present_keys)])
+    retired = _retired(spec, current, cur_keys, seen, live, live_before, present is not None)
     tombstones = pa.table(
         {
             "dbt_scd_id": pa.array([], pa.string()),
@@ -197,6 +209,12 @@ def diff(spec: Spec, current: pa.Table, incoming: pa.Table, batch_ts: datetime) 
     return Diff(opened, closed, tombstones, live_before, retired.num_rows)
 
 
+def _combined(array: pa.Array | pa.ChunkedArray) -> pa.Array:
+    import pyarrow as pa
+
+    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+
+
 def _retired(
     spec: Spec,
     current: pa.Table,
@@ -204,13 +222,15 @@ def _retired(
     in_keys: pa.Array,
     live: pa.Array,
     live_before: int,
+    reconciled: bool = False,
 ) -> pa.Table:
     """Live keys missing from a full extract, when hard deletes are tracked; guarded."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     empty = pa.table({"dbt_scd_id": pa.array([], pa.string()), "_key": pa.array([], pa.string())})
-    if spec.hard_deletes == "ignore" or not spec.full_scan or not current.num_rows:
+    visible = spec.full_scan or reconciled
+    if spec.hard_deletes == "ignore" or not visible or not current.num_rows:
         return empty
     gone = pc.and_(live, pc.invert(pc.is_in(cur_keys, value_set=in_keys)))
     count = pc.sum(gone.cast(pa.int64())).as_py() or 0

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.config import Entity
 from pipeline.scd2 import TS, Diff, SnapshotError, Spec, diff, invariant_violations
-from pipeline.state import StageResult, last_done
+from pipeline.state import StageResult, failpoint, last_done
 from pipeline.warehouse import Warehouse, arrow_to_clickhouse, literal, qualified, quote_ident
 
 if TYPE_CHECKING:
@@ -173,6 +173,23 @@ def read_incoming(wh: Warehouse, database: str, entity: Entity, batch_id: str) -
     )
 
 
+def read_present_keys(
+    wh: Warehouse, database: str, entity: Entity, batch_id: str
+) -> pa.Table | None:
+    """Every key the source had at this batch (reconciliation), or None when not reconciled."""
+    from pipeline.raw import keys_table
+
+    table = keys_table(entity)
+    if not entity.reconcile or not wh.table_exists(database, table):
+        return None
+    cols = ", ".join(quote_ident(k) for k in entity.unique_key)
+    keys = wh.query_arrow(
+        f"SELECT {cols} FROM {qualified(database, table)} WHERE _batch_id = %(b)s",
+        {"b": batch_id},
+    )
+    return keys if keys.num_rows else None  # an empty list proves nothing: retire nothing
+
+
 def read_current(wh: Warehouse, names: Names, entity: Entity, batch_id: str) -> pa.Table:
     """Each key's current version as it was before this batch (see module docstring)."""
     cols = [quote_ident(k) for k in entity.unique_key]
@@ -251,12 +268,10 @@ def _copy_versions(
 
 def write_diff(wh: Warehouse, names: Names, d: Diff, batch_id: str) -> None:
     """Open, tombstone, then close; each step is idempotent, so a crash anywhere is safe."""
-    import os
 
     version = time.time_ns()
     _write_opened(wh, names, d.opened, batch_id, version)
-    if os.environ.get("CDC_FAILPOINT") == "snapshot-after-open":
-        raise SnapshotError(f"failpoint snapshot-after-open hit for {names.view} {batch_id}")
+    failpoint("snapshot-after-open", f"{names.storage} batch {batch_id}")
     _copy_versions(
         wh,
         names,
@@ -319,8 +334,13 @@ def apply_batch(
     if incoming.num_columns == 0:
         incoming = _empty_like_storage(wh, names, entity)
     current = read_current(wh, names, entity, batch_id)
+    present = read_present_keys(wh, database, entity, batch_id)
     d = diff(
-        spec_for(entity, force_deletes), current, incoming, effective_time(wh, names, batch_id)
+        spec_for(entity, force_deletes),
+        current,
+        incoming,
+        effective_time(wh, names, batch_id),
+        present,
     )
     write_diff(wh, names, d, batch_id)
     problems = check_invariants(wh, names, entity)

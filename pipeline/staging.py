@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -202,6 +202,7 @@ class Manifest:
     parts: list[dict[str, Any]] = field(default_factory=list)  # key, rows, xxh64, schema
     window: dict[str, str | None] = field(default_factory=dict)  # lower/upper for incremental
     full_scan: bool = True
+    keys_rows: int | None = None  # rows of the key list under keys/ (reconciliation), if any
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
@@ -340,3 +341,26 @@ def read_parts(store: Store, manifest: Manifest) -> Iterator[pa.Table]:
                 f"manifest says {part['rows']}"
             )
         yield table
+
+
+def staged_batches(store: Store, source: str, table: str) -> dict[str, list[str]]:
+    """Batch id -> its object keys, for one entity."""
+    batches: dict[str, list[str]] = {}
+    root = f"{source}/{table}/batch="
+    for key in store.list(f"{source}/{table}/"):
+        if key.startswith(root):
+            batch_id = key[len(root) :].split("/", 1)[0]
+            batches.setdefault(batch_id, []).append(key)
+    return batches
+
+
+def prune(
+    store: Store, source: str, table: str, expired: Callable[[str], bool], keep: str
+) -> list[str]:
+    """Delete the staged batches `expired` says are past retention (never `keep`)."""
+    pruned = []
+    for batch_id, keys in sorted(staged_batches(store, source, table).items()):
+        if batch_id != keep and expired(batch_id):
+            store.delete(sorted(keys, key=lambda k: k.endswith(MANIFEST), reverse=True))
+            pruned.append(batch_id)
+    return pruned

@@ -7,6 +7,7 @@ stage runs again and first removes what a crashed attempt left behind.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -16,6 +17,16 @@ from pipeline.warehouse import Warehouse, qualified
 
 BATCHES = "_cdc_batches"
 STATE = "_cdc_state"
+
+
+class FailpointError(RuntimeError):
+    """Raised on purpose by tests to simulate a crash at a named point."""
+
+
+def failpoint(name: str, where: str) -> None:
+    """Crash here when CDC_FAILPOINT names this point (tests inject crashes this way)."""
+    if os.environ.get("CDC_FAILPOINT") == name:
+        raise FailpointError(f"failpoint {name} hit: {where}")
 
 
 def ensure_tables(wh: Warehouse, database: str) -> None:

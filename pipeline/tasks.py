@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pipeline")
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+KEYS_SUBDIR = "keys/"
 
 
 def new_batch_id() -> str:
@@ -114,6 +115,8 @@ class Extract(EntityTask):
             merge_manifests(store(), manifest, [t.manifest() for t in self.input()])
         else:
             batches = self._read(entity, manifest)
+            if entity.reconcile:
+                manifest.keys_rows = self._stage_keys(entity)
             write_batch(store(), manifest, self._counted(batches), cfg.part_rows)
         self.result = StageResult(rows_in=manifest.rows, rows_out=manifest.rows)
         self.window = manifest.window or None
@@ -144,6 +147,21 @@ class Extract(EntityTask):
                 "upper": window.upper.isoformat(),
             }
         return batches
+
+    def _stage_keys(self, entity: Any) -> int:
+        """Stage every key of the table under keys/ (read before the rows' manifest is written)."""
+        from pipeline.sources.keys import read_keys
+        from pipeline.staging import write_batch
+
+        cfg = settings()
+        keys = write_batch(
+            store(),
+            _new_manifest(entity, self.batch),
+            read_keys(cfg.postgres_dsn, entity.object_name, entity.unique_key),
+            cfg.part_rows,
+            KEYS_SUBDIR,
+        )
+        return keys.rows
 
     def _counted(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         rows = 0
@@ -231,10 +249,40 @@ class LoadRaw(EntityTask):
         manifest = self.input().manifest()
         self.window = manifest.window or None
         result = load_batch(wh, cfg.database, entity, store(), manifest)
+        if manifest.keys_rows is not None:
+            from pipeline.raw import load_keys
+            from pipeline.staging import StagingTarget
+
+            keys = StagingTarget(store(), entity.source, entity.name, self.batch, KEYS_SUBDIR)
+            load_keys(wh, cfg.database, entity, store(), keys.manifest())
         upper = manifest.window.get("upper")
         if entity.incremental and upper:
             save_watermark(wh, cfg.database, entity.name, self.batch, datetime.fromisoformat(upper))
         self.record("raw", result)
+        self._retention(entity)
+
+    def _retention(self, entity: Any) -> None:
+        """After a committed load: drop expired raw months and staged batches."""
+        from pipeline.raw import apply_retention
+        from pipeline.scd2 import SnapshotError
+        from pipeline.snapshots import batch_time
+        from pipeline.staging import prune
+
+        cfg = settings()
+        apply_retention(warehouse(), cfg.database, entity)
+        if cfg.staging_retention_days <= 0:
+            return
+        cutoff = batch_time(self.batch) - timedelta(days=cfg.staging_retention_days)
+
+        def expired(batch_id: str) -> bool:
+            try:
+                return batch_time(batch_id) < cutoff
+            except SnapshotError:  # not one of our batch ids: leave it alone
+                return False
+
+        pruned = prune(store(), entity.source, entity.name, expired, keep=self.batch)
+        if pruned:
+            log.info("%s: pruned %d staged batch(es) past retention", entity.name, len(pruned))
 
 
 class Snapshot(EntityTask):

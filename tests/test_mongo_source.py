@@ -144,3 +144,42 @@ def test_id_range_extraction_equals_a_single_scan(pipeline_env: Env, partitions:
     assert parts == [(1003,)] and single != ranged
     keys = env.rows("SELECT count(DISTINCT _id) FROM {db}.raw_items_ranged")
     assert keys == [(1003,)]
+
+
+def test_retention_prunes_staging_and_bounds_raw_growth(pipeline_env: Env) -> None:
+    from datetime import timedelta
+
+    import pyarrow as pa
+
+    from pipeline import runtime
+    from pipeline.staging import staged_batches
+
+    env = pipeline_env
+    env.mongo("events").insert_many([{"_id": i, "v": i} for i in range(5)])
+    env.add_entity(
+        "events", source="mongo", collection="events", unique_key="_id", raw_retention_days="30"
+    )
+    first = _load(env, "events")
+    old_batch = "20200101T000000Z"
+    runtime.store().put(f"mongo/events/batch={old_batch}/part-00000.parquet", b"old")
+    runtime.store().put(f"mongo/events/batch={old_batch}/_manifest.json", b"{}")
+    stale = env.wh.query_arrow(f"SELECT * FROM `{env.database}`.raw_events LIMIT 1")
+    long_ago = datetime.now(UTC) - timedelta(days=400)
+    for name, value in (
+        ("_batch_id", pa.array([old_batch])),
+        ("_loaded_at", pa.array([long_ago], pa.timestamp("us", "UTC"))),
+    ):
+        stale = stale.set_column(stale.column_names.index(name), name, value)
+    env.wh.insert_arrow(env.database, "raw_events", stale)
+    second = _load(env, "events")
+    assert set(staged_batches(runtime.store(), "mongo", "events")) == {first, second}
+    if env.wh.features.ttl:
+        ddl = env.rows(
+            "SELECT create_table_query FROM system.tables WHERE database = %(d)s"
+            " AND name = 'raw_events'",
+            {"d": env.database},
+        )
+        assert "TTL toDateTime(_loaded_at) + toIntervalSecond(2592000)" in ddl[0][0]
+    else:
+        batches = env.rows("SELECT DISTINCT _batch_id FROM {db}.raw_events ORDER BY _batch_id")
+        assert batches == [(first,), (second,)]  # the 400-day-old month was dropped

@@ -143,3 +143,35 @@ def test_batches_apply_in_order(env: Env) -> None:
     before = env.count("users_snapshot__versions")
     apply_batch(runtime.warehouse(), env.database, settings().entity("users"), newer)
     assert env.count("users_snapshot__versions") == before  # re-applying changes nothing
+
+
+def test_reconciliation_retires_rows_deleted_in_postgres(env: Env) -> None:
+    env.add_entity(
+        "orders_rec",
+        source="postgres",
+        table="public.orders",
+        unique_key="order_id",
+        strategy="timestamp",
+        updated_at="updated_at",
+        reconcile="true",
+        hard_deletes="invalidate",
+    )
+    assert env.build([Snapshot(entity="orders_rec", batch=new_batch_id())]) == (
+        LuigiStatusCode.SUCCESS
+    )
+    with env.pg() as conn, conn.cursor() as cur:
+        cur.execute(
+            "DELETE FROM orders WHERE order_id IN (SELECT min(order_id) FROM orders)"
+            " RETURNING order_id"
+        )
+        (gone,) = cur.fetchone()
+    _pause(env)
+    assert env.build([Snapshot(entity="orders_rec", batch=new_batch_id())]) == (
+        LuigiStatusCode.SUCCESS
+    )
+    history = env.rows(
+        "SELECT dbt_valid_to IS NULL FROM {db}.orders_rec_snapshot WHERE order_id = %(o)s",
+        {"o": gone},
+    )
+    assert history == [(0,)]  # closed: the row is gone from the source
+    assert env.count("orders_rec_snapshot", "WHERE dbt_valid_to IS NULL") == 119

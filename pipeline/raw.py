@@ -199,6 +199,15 @@ def _key_hash(table: pa.Table, entity: Entity) -> pa.Array:
     )
 
 
+def _row_hashes(part: pa.Table, sources: list[str], entity: Entity) -> pa.Array:
+    """Row hashes serve the lookback dedup of incremental sources; full scans store 0."""
+    import pyarrow as pa
+
+    if entity.incremental:
+        return row_hash(part, sources)
+    return pa.array([0] * part.num_rows, pa.uint64())
+
+
 def _truncate_timestamps(part: pa.Table, wh: Warehouse) -> pa.Table:
     """On servers without DateTime64 the stored value is whole seconds; hash what is stored."""
     import pyarrow as pa
@@ -236,7 +245,7 @@ def load_batch(
             )
         part = align(wh, database, entity, _truncate_timestamps(part, wh))
         sources = [c for c in part.column_names if c not in META_COLUMNS]
-        part = part.append_column("_row_hash", row_hash(part, sources))
+        part = part.append_column("_row_hash", _row_hashes(part, sources, entity))
         if lower is not None:
             if skip is None:
                 skip = already_loaded(

@@ -48,6 +48,11 @@ class Diff:
     tombstones: pa.Table  # dbt_scd_id (old), _new_scd_id, _new_valid_from: new_record deletes
     live_before: int
     retired: int
+    touched: pa.Table  # unique_key columns of every key this diff changes
+
+    @property
+    def empty(self) -> bool:
+        return not (self.opened.num_rows or self.closed.num_rows or self.tombstones.num_rows)
 
 
 def hash_columns(spec: Spec, columns: list[str]) -> list[str]:
@@ -206,7 +211,10 @@ def diff(
                     "_new_valid_from": gone_to,
                 }
             )
-    return Diff(opened, closed, tombstones, live_before, retired.num_rows)
+    key = list(spec.unique_key)
+    gone = current.select(key).filter(pc.is_in(cur_keys, value_set=retired.column("_key")))
+    touched = pa.concat_tables([opened.select(key), gone.cast(opened.select(key).schema)])
+    return Diff(opened, closed, tombstones, live_before, retired.num_rows, touched)
 
 
 def _combined(array: pa.Array | pa.ChunkedArray) -> pa.Array:

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -105,7 +106,8 @@ def column_array(values: Sequence[Any], collection: str, field: str) -> pa.Array
     import pyarrow as pa
     from bson import Int64, ObjectId
 
-    types = {int if t is Int64 else t for t in {type(v) for v in values}}
+    types = {int if t is Int64 else t for t in set(map(type, values))}
+    has_null = type(None) in types
     types.discard(type(None))
     try:
         if not types:
@@ -115,7 +117,9 @@ def column_array(values: Sequence[Any], collection: str, field: str) -> pa.Array
             if kind in _DIRECT:
                 return pa.array(values, type=getattr(pa, _DIRECT[kind])())
             if kind is ObjectId:
-                return pa.array([None if v is None else str(v) for v in values], pa.string())
+                if has_null:
+                    return pa.array([None if v is None else str(v) for v in values], pa.string())
+                return pa.array(list(map(str, values)), pa.string())
             if kind is datetime:
                 return pa.array(
                     [None if v is None else _utc(v) for v in values], pa.timestamp("us", "UTC")
@@ -201,7 +205,7 @@ def documents_to_batch(
                 fields.append(key)
     arrays = []
     for name in fields:
-        values = [doc.get(name) for doc in docs]
+        values = list(map(dict.get, docs, repeat(name)))
         try:
             arrays.append(column_array(values, collection, name))
         except MongoSourceError as exc:

@@ -9,6 +9,8 @@ USERS ?= 150000
 ORDERS ?= 20000
 PRODUCTS ?= 200
 
+LINT_DIRS := $(wildcard pipeline tests setup bench)
+
 .PHONY: demo test lint format install system-deps stack-up stack-down summary bench clean
 
 $(BIN)/.installed: setup.cfg
@@ -30,12 +32,12 @@ system-deps:
 	fi
 
 lint: install
-	$(BIN)/ruff check pipeline tests setup bench
-	$(BIN)/ruff format --check pipeline tests setup bench
+	$(BIN)/ruff check $(LINT_DIRS)
+	$(BIN)/ruff format --check $(LINT_DIRS)
 
 format: install
-	$(BIN)/ruff check --fix pipeline tests setup bench
-	$(BIN)/ruff format pipeline tests setup bench
+	$(BIN)/ruff check --fix $(LINT_DIRS)
+	$(BIN)/ruff format $(LINT_DIRS)
 
 test: install system-deps lint
 	$(BIN)/python -m pytest -q

@@ -2,12 +2,14 @@
 
 An `updated_at` query never returns a deleted row. With `reconcile = true` each extract also
 reads every key of the table (keys only: cheap next to the rows), and the snapshot stage retires
-the live keys that are no longer there, as `hard_deletes` says.
+the live keys that are no longer there, as `hard_deletes` says. Keys go through the same COPY
+reader as the rows, so they are typed (and hashed) exactly like them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,40 +20,7 @@ def read_keys(
     dsn: str, object_name: str, key: Sequence[str], batch_rows: int = 200_000
 ) -> Iterator[pa.RecordBatch]:
     """Every key of the table as record batches typed like the extracted rows."""
-    import pyarrow as pa
-    from psycopg2 import sql
+    from pipeline.sources.postgres import read
 
-    from pipeline.sources.postgres import (
-        PostgresSourceError,
-        arrow_type,
-        connect,
-        split_table,
-        table_columns,
-    )
-
-    conn = connect(dsn)
-    try:
-        columns = {c.name: c for c in table_columns(conn, object_name)}
-        missing = [k for k in key if k not in columns]
-        if missing:
-            raise PostgresSourceError(
-                f"PostgreSQL table {object_name}: unique_key column(s) {missing} not found"
-            )
-        schema = pa.schema([pa.field(k, arrow_type(columns[k])) for k in key])
-        schema_name, table = split_table(object_name)
-        query = sql.SQL("SELECT {} FROM {}.{}").format(
-            sql.SQL(", ").join(sql.Identifier(k) for k in key),
-            sql.Identifier(schema_name),
-            sql.Identifier(table),
-        )
-        with conn.cursor(name="cdc_keys") as cur:
-            cur.itersize = batch_rows
-            cur.execute(query)
-            while rows := cur.fetchmany(batch_rows):
-                arrays = [
-                    pa.array([row[i] for row in rows], type=field.type)
-                    for i, field in enumerate(schema)
-                ]
-                yield pa.RecordBatch.from_arrays(arrays, schema=schema)
-    finally:
-        conn.close()
+    _, batches = read(dsn, object_name, None, None, timedelta(0), batch_rows, columns=list(key))
+    return batches

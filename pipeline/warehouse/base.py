@@ -87,6 +87,11 @@ class Features:
         return self.version >= (21, 12)
 
     @property
+    def date32(self) -> bool:
+        """Date32 spans 1900-2299; plain Date stops at 1970 and clamps silently."""
+        return self.version >= (21, 9)
+
+    @property
     def ttl(self) -> bool:
         return self.version >= (19, 6)
 
@@ -210,7 +215,7 @@ def arrow_to_clickhouse(dtype: pa.DataType, features: Features, nullable: bool =
     elif t.is_timestamp(dtype):
         base = "DateTime64(6, 'UTC')" if features.datetime64 else "DateTime('UTC')"
     elif t.is_date(dtype):
-        base = "Date"
+        base = "Date32" if features.date32 else "Date"
     elif t.is_null(dtype):
         base = "String"
     else:

@@ -35,6 +35,7 @@ def arrow_type(ch_type: str) -> pa.DataType:
         "Float32": pa.float32(),
         "Float64": pa.float64(),
         "Date": pa.date32(),
+        "Date32": pa.date32(),
         "Bool": pa.bool_(),
     }
     if ch_type in simple:

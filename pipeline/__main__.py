@@ -1,8 +1,10 @@
-"""`python -m pipeline summary|check|compile`: the commands an operator runs by hand.
+"""`python -m pipeline summary|check|compile|status|report`: the commands an operator runs by hand.
 
 - summary: rows per raw table, versions and current rows per snapshot, rows per mart.
 - check:   SCD2 invariants of every snapshot; exit 1 and name the keys on a violation.
 - compile: print the resolved SQL of one mart or all of them.
+- status:  last runs, lag per source, snapshot sizes, last failures (`--json` for scripts).
+- report:  one self-contained HTML page: lineage graph and versions per batch (`--output PATH`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pipeline.runtime import settings, warehouse
 from pipeline.warehouse import qualified
@@ -84,6 +87,24 @@ def compile_marts(name: str | None) -> int:
     return 0
 
 
+def _add_ops_commands(sub: argparse._SubParsersAction) -> None:
+    """Operations commands (pipeline/status.py, pipeline/report.py)."""
+    status_parser = sub.add_parser("status", help="last runs, lag, snapshot sizes, failures")
+    status_parser.add_argument("--json", action="store_true", help="machine-readable output")
+    report_parser = sub.add_parser("report", help="write the HTML lineage and batches report")
+    report_parser.add_argument("--output", type=Path, required=True, metavar="PATH")
+
+
+def _run_ops_command(args: argparse.Namespace) -> int:
+    if args.command == "status":
+        from pipeline import status
+
+        return status.main(args.json)
+    from pipeline import report
+
+    return report.main(args.output)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
@@ -95,7 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("check", help="verify the SCD2 invariants of every snapshot")
     compile_parser = sub.add_parser("compile", help="print the resolved SQL of marts")
     compile_parser.add_argument("name", nargs="?")
+    _add_ops_commands(sub)
     args = parser.parse_args(argv)
+    if args.command in ("status", "report"):
+        return _run_ops_command(args)
     if args.command == "summary":
         _print_table(summary(), ("table", "what", "value"))
         return 0

@@ -11,7 +11,8 @@ PRODUCTS ?= 200
 
 LINT_DIRS := $(wildcard pipeline tests setup bench)
 
-.PHONY: demo test lint format install system-deps stack-up stack-down summary bench clean
+.PHONY: demo test lint format install system-deps stack-up stack-down summary status report \
+	bench clean
 
 $(BIN)/.installed: setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +22,12 @@ $(BIN)/.installed: setup.cfg
 
 install: $(BIN)/.installed
 
-# Debian packages the local stack needs (PostgreSQL 15; ClickHouse server for the server tests).
+# Debian packages the tests need: PostgreSQL 15, ClickHouse server, Chromium (report page test).
 system-deps:
 	@need=""; \
 	[ -x /usr/lib/postgresql/15/bin/initdb ] || need="$$need postgresql"; \
 	command -v clickhouse-server >/dev/null || need="$$need clickhouse-server"; \
+	command -v chromium >/dev/null || need="$$need chromium"; \
 	if [ -n "$$need" ]; then \
 	  echo "installing:$$need"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need; \
@@ -50,6 +52,13 @@ stack-down:
 
 summary: install
 	set -a; source $(STACK)/env; set +a; $(BIN)/python -m pipeline summary
+
+status: install
+	set -a; source $(STACK)/env; set +a; $(BIN)/python -m pipeline status
+
+report: install
+	set -a; source $(STACK)/env; set +a; $(BIN)/python -m pipeline report --output $(STACK)/report.html
+	@echo "open $(STACK)/report.html"
 
 demo: install stack-up
 	set -a; source $(STACK)/env; set +a; \

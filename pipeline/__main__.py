@@ -1,10 +1,12 @@
-"""`python -m pipeline summary|check|compile|status|report`: the commands an operator runs by hand.
+"""`python -m pipeline COMMAND`: the commands an operator runs by hand.
 
 - summary: rows per raw table, versions and current rows per snapshot, rows per mart.
 - check:   SCD2 invariants of every snapshot; exit 1 and name the keys on a violation.
 - compile: print the resolved SQL of one mart or all of them.
 - status:  last runs, lag per source, snapshot sizes, last failures (`--json` for scripts).
 - report:  one self-contained HTML page: lineage graph and versions per batch (`--output PATH`).
+- rebuild: replay an entity's raw batches into a fresh history and swap it in.
+- adopt:   continue the history of a snapshot table that dbt built (the migration path).
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ def summary() -> list[tuple[str, str, str]]:
         raw = _count(entity.raw_table)
         rows.append((entity.raw_table, "rows", "-" if raw is None else str(raw)))
     for entity in cfg.entities:
-        versions = _count(entity.snapshot_table)
-        current = _count(entity.snapshot_table, "WHERE dbt_valid_to IS NULL")
+        storage = f"{entity.snapshot_table}__versions"
+        versions = _count(storage, "FINAL")
+        current = _count(storage, "FINAL WHERE dbt_valid_to IS NULL")
         rows.append((entity.snapshot_table, "versions", "-" if versions is None else str(versions)))
         rows.append(
             (entity.snapshot_table, "current rows", "-" if current is None else str(current))
@@ -105,6 +108,34 @@ def _run_ops_command(args: argparse.Namespace) -> int:
     return report.main(args.output)
 
 
+def _add_snapshot_commands(sub: argparse._SubParsersAction) -> None:
+    rebuild = sub.add_parser("rebuild", help="rebuild a snapshot from its raw batches")
+    rebuild.add_argument("entity")
+    rebuild.add_argument("--force-deletes", action="store_true", help="bypass the delete guard")
+    adopt = sub.add_parser("adopt", help="take over a dbt snapshot table in place")
+    adopt.add_argument("entity")
+    adopt.add_argument("--table", help="the dbt table (default: <entity>_snapshot)")
+
+
+def _run_snapshot_command(args: argparse.Namespace) -> int:
+    from pipeline.scd2 import SnapshotError
+    from pipeline.snapshot_maintenance import adopt, rebuild
+
+    cfg = settings()
+    entity = cfg.entity(args.entity)
+    try:
+        if args.command == "rebuild":
+            count = rebuild(warehouse(), cfg.database, entity, args.force_deletes)
+            print(f"{entity.snapshot_table}: rebuilt from {count} raw batch(es)")
+        else:
+            count = adopt(warehouse(), cfg.database, entity, args.table)
+            print(f"{entity.snapshot_table}: adopted {count} version(s); dbt's table kept")
+    except SnapshotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
@@ -117,9 +148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     compile_parser = sub.add_parser("compile", help="print the resolved SQL of marts")
     compile_parser.add_argument("name", nargs="?")
     _add_ops_commands(sub)
+    _add_snapshot_commands(sub)
     args = parser.parse_args(argv)
     if args.command in ("status", "report"):
         return _run_ops_command(args)
+    if args.command in ("rebuild", "adopt"):
+        return _run_snapshot_command(args)
     if args.command == "summary":
         _print_table(summary(), ("table", "what", "value"))
         return 0

@@ -6,6 +6,7 @@ which is all chDB allows) keeps that cheap. `reset()` drops them after the setti
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,15 @@ def store() -> Store:
     from pipeline.staging import open_store
 
     return open_store(settings())
+
+
+def _forget_in_child() -> None:
+    """A forked Luigi worker must not reuse the parent's sockets: drop (do not close) them."""
+    warehouse.cache_clear()
+    store.cache_clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def reset() -> None:

@@ -35,6 +35,12 @@ def new_batch_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
 
 
+def _redacted_failure(task: luigi.Task, exception: BaseException) -> str:
+    from pipeline.audit import redact
+
+    return redact(luigi.Task.on_failure(task, exception))
+
+
 def sql_dir() -> Path:
     return Path(os.environ.get("CDC_SQL_DIR", SQL_DIR))
 
@@ -50,6 +56,10 @@ class EntityTask(luigi.Task):
     batch: str = luigi.Parameter()
     result: StageResult | None = None
     window: dict[str, str | None] | None = None
+
+    def on_failure(self, exception: BaseException) -> str:
+        """The traceback luigid stores and e-mails, with secrets masked."""
+        return _redacted_failure(self, exception)
 
     def report(self, message: str, percent: int | None = None) -> None:
         self.set_status_message(message)
@@ -319,6 +329,10 @@ class BuildMart(luigi.Task):
     name: str = luigi.Parameter()
     batch: str = luigi.Parameter()
     result: StageResult | None = None
+
+    def on_failure(self, exception: BaseException) -> str:
+        """The traceback luigid stores and e-mails, with secrets masked."""
+        return _redacted_failure(self, exception)
 
     def requires(self) -> list[luigi.Task]:
         cfg = settings()

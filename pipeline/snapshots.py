@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING
 from pipeline.config import Entity
 from pipeline.scd2 import TS, Diff, SnapshotError, Spec, diff, invariant_violations
 from pipeline.state import StageResult, failpoint, last_done
-from pipeline.warehouse import Warehouse, arrow_to_clickhouse, literal, qualified, quote_ident
+from pipeline.warehouse import (
+    Warehouse,
+    arrow_to_clickhouse,
+    column_defs,
+    literal,
+    qualified,
+    quote_ident,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -303,26 +310,31 @@ def check_invariants(
     """Invariants of the whole history, or of the given keys' histories only.
 
     Only keys a merge touched can break, so after a merge the check reads just those (a
-    no-change run reads nothing); `python -m pipeline check` reads everything.
+    no-change run reads nothing); `python -m pipeline check` reads everything. The keys travel
+    in a temporary Memory table: an IN list of literals would outgrow max_query_size.
     """
     cols = [quote_ident(k) for k in entity.unique_key] + ["dbt_valid_from", "dbt_valid_to"]
-    where = ""
-    if keys is not None:
-        if keys.num_rows == 0:
-            return []
-        where = " WHERE " + _key_filter(entity, keys)
-    versions = wh.query_arrow(f"SELECT {', '.join(cols)} FROM {names.q_storage} FINAL{where}")
+    select = f"SELECT {', '.join(cols)} FROM {names.q_storage} FINAL"
+    if keys is None:
+        return invariant_violations(spec_for(entity), wh.query_arrow(select))
+    if keys.num_rows == 0:
+        return []
+    tmp = f"{names.storage}__check"
+    q_tmp = qualified(names.database, tmp)
+    key_cols = ", ".join(quote_ident(k) for k in entity.unique_key)
+    wh.execute(f"DROP TABLE IF EXISTS {q_tmp}")
+    wh.execute(
+        f"CREATE TABLE {q_tmp} ({column_defs(keys.schema, wh.features, entity.unique_key)})"
+        " ENGINE = Memory"
+    )
+    try:
+        wh.insert_arrow(names.database, tmp, keys)
+        versions = wh.query_arrow(
+            f"{select} WHERE ({key_cols}) IN (SELECT {key_cols} FROM {q_tmp})"
+        )
+    finally:
+        wh.execute(f"DROP TABLE IF EXISTS {q_tmp}")
     return invariant_violations(spec_for(entity), versions)
-
-
-def _key_filter(entity: Entity, keys: pa.Table) -> str:
-    """`(k1, k2) IN ((...), ...)` with every value rendered as an escaped literal."""
-    columns = [keys.column(k).to_pylist() for k in entity.unique_key]
-    rows = zip(*columns, strict=True)
-    if len(entity.unique_key) == 1:
-        return f"{quote_ident(entity.unique_key[0])} IN {literal(columns[0])}"
-    tuples = ", ".join("(" + ", ".join(literal(v) for v in row) + ")" for row in rows)
-    return f"({', '.join(quote_ident(k) for k in entity.unique_key)}) IN ({tuples})"
 
 
 FULL_CHECK_SHARE = 0.2

@@ -101,6 +101,7 @@ def diff(
     incoming: pa.Table,
     batch_ts: datetime,
     present: pa.Table | None = None,
+    ended: pa.Table | None = None,
 ) -> Diff:
     """Versions to open and close so that history reflects `incoming` as of `batch_ts`.
 
@@ -108,6 +109,10 @@ def diff(
     dbt_updated_at, dbt_valid_from, and dbt_is_deleted when hard_deletes = new_record).
     `present` (reconciliation) lists every key the source still has, for incremental batches:
     live keys in neither `present` nor `incoming` are retired like keys missing from a full scan.
+    `ended` (timestamp strategy with hard_deletes = invalidate) gives, for keys whose history
+    ended, the last `dbt_valid_to` (column `last_valid_to`): a key that comes back with an
+    `updated_at` at or before that moment opens its new version at the batch time instead, so
+    windows never overlap.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -157,7 +162,12 @@ def diff(
         )
         changed = pc.and_(has_cur, pc.or_(pc.or_(newer, no_ts_change), was_deleted))
         ts_or_batch = pc.coalesce(new_ts, batch)
-        after_current = pc.greater(ts_or_batch, cur_from).fill_null(True)
+        bound = cur_from
+        if ended is not None and ended.num_rows:
+            ended_at = _match(in_keys, _combined(encode_key(ended, spec.unique_key)))
+            last_to = pc.take(ended.column("last_valid_to").cast(ts_type), ended_at)
+            bound = pc.coalesce(cur_from, last_to)
+        after_current = pc.greater(ts_or_batch, bound).fill_null(True)
         valid_from = pc.if_else(after_current, ts_or_batch, batch)
         updated = pc.coalesce(new_ts, valid_from)
 

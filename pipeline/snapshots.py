@@ -197,6 +197,23 @@ def read_present_keys(
     return keys if keys.num_rows else None  # an empty list proves nothing: retire nothing
 
 
+def read_ended(wh: Warehouse, names: Names, entity: Entity, batch_id: str) -> pa.Table | None:
+    """Last `dbt_valid_to` of every key with closed versions, before this batch.
+
+    Only the timestamp strategy with hard_deletes = invalidate needs it: there a key can come
+    back with an old `updated_at` and no current version to compare with.
+    """
+    if entity.strategy != "timestamp" or entity.hard_deletes != "invalidate":
+        return None
+    keys = ", ".join(quote_ident(k) for k in entity.unique_key)
+    return wh.query_arrow(
+        f"SELECT {keys}, max(dbt_valid_to) AS last_valid_to FROM {names.q_storage} FINAL"
+        " WHERE _opened_by < %(b)s AND _closed_by != '' AND _closed_by < %(b)s"
+        f" GROUP BY {keys}",
+        {"b": batch_id},
+    )
+
+
 def read_current(wh: Warehouse, names: Names, entity: Entity, batch_id: str) -> pa.Table:
     """Each key's current version as it was before this batch (see module docstring)."""
     cols = [quote_ident(k) for k in entity.unique_key]
@@ -378,6 +395,7 @@ def apply_batch(
         incoming,
         effective_time(wh, names, batch_id),
         present,
+        read_ended(wh, names, entity, batch_id),
     )
     write_diff(wh, names, d, batch_id)
     few = d.touched.num_rows <= FULL_CHECK_SHARE * max(d.live_before, 1)

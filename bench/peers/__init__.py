@@ -1,0 +1,1 @@
+"""Peer tools measured beside the pipeline; each script runs in its own virtualenv under .bench/."""

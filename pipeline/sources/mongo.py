@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import repeat
@@ -241,7 +241,19 @@ def _id_filter(lower: Any, upper: Any) -> dict[str, Any]:
     return {"_id": bounds} if bounds else {}
 
 
-def _prefetch(cursor: Any, size: int, depth: int = 2) -> Iterator[list[dict[str, Any]]]:
+def _warm_arrow() -> None:
+    """pyarrow imports pandas (installed with chDB) on its first conversion of a list: ~0.5 s.
+
+    Paying it while the prefetch thread waits on the server's first batch hides it.
+    """
+    import pyarrow as pa
+
+    pa.array([None], pa.string())
+
+
+def _prefetch(
+    cursor: Any, size: int, depth: int = 2, warm: Callable[[], None] | None = None
+) -> Iterator[list[dict[str, Any]]]:
     """Read chunks of documents in a thread, so decoding overlaps the server's work."""
     import queue
     import threading
@@ -268,6 +280,8 @@ def _prefetch(cursor: Any, size: int, depth: int = 2) -> Iterator[list[dict[str,
 
     thread = threading.Thread(target=produce, name="mongo-prefetch", daemon=True)
     thread.start()
+    if warm is not None:
+        warm()
     try:
         while (item := chunks.get()) is not done:
             if isinstance(item, BaseException):
@@ -293,18 +307,22 @@ def scan(
 ) -> Iterator[pa.RecordBatch]:
     """Full scan (or the `_id` range [lower, upper)) in `_id` order, in record batches.
 
-    The `_id` index is hinted rather than sorted on: the scan walks the index in order, which is
-    free on MongoDB and avoids a server-side sort on servers that would do one.
+    The sort on `_id` comes with a hint of the `_id` index, so the server walks the index in
+    order instead of sorting in memory (measured on SecantusDB: 0.4 s against 2.5-3 s for 20K
+    documents; free on MongoDB).
     """
     from pymongo.errors import PyMongoError
 
     client = connect(uri)
     try:
         cursor = client[database][collection].find(
-            _id_filter(lower, upper), hint=[("_id", 1)], batch_size=min(batch_rows, 10_000)
+            _id_filter(lower, upper),
+            sort=[("_id", 1)],
+            hint=[("_id", 1)],
+            batch_size=min(batch_rows, 10_000),
         )
         fields: list[str] = ["_id"]
-        for docs in _prefetch(cursor, batch_rows):
+        for docs in _prefetch(cursor, batch_rows, warm=_warm_arrow):
             yield documents_to_batch(docs, collection, fields, mapping)
     except PyMongoError as exc:
         raise MongoSourceError(f"MongoDB {database}.{collection}: read failed: {exc}") from exc

@@ -245,15 +245,26 @@ class StagingKeyTarget(luigi.Target):
         self.store.put(self.key, data)
 
 
-def _parquet_bytes(batches: list[pa.RecordBatch]) -> bytes:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+class _PartWriter:
+    """One Parquet part being written: batches are compressed as they arrive, so memory holds
+    the compressed part plus one record batch, not the part's raw rows."""
 
-    sink = pa.BufferOutputStream()
-    with pq.ParquetWriter(sink, batches[0].schema, compression="zstd") as writer:
-        for batch in batches:
-            writer.write_batch(batch)
-    return sink.getvalue().to_pybytes()
+    def __init__(self, schema: pa.Schema) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.schema = schema
+        self.rows = 0
+        self._sink = pa.BufferOutputStream()
+        self._writer = pq.ParquetWriter(self._sink, schema, compression="zstd")
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self._writer.write_batch(batch)
+        self.rows += batch.num_rows
+
+    def close(self) -> bytes:
+        self._writer.close()
+        return self._sink.getvalue().to_pybytes()
 
 
 def write_batch(
@@ -266,8 +277,8 @@ def write_batch(
     """Stream record batches into parts, then write the manifest last.
 
     A part closes when it reaches `part_rows` or when the schema changes (drift), so each part
-    has one schema and memory is bounded by one part. Part keys are relative to the batch
-    prefix, so range manifests (`subdir`) can be merged into the batch's.
+    has one schema. Part keys are relative to the batch prefix, so range manifests (`subdir`)
+    can be merged into the batch's.
     """
     import xxhash
 
@@ -275,36 +286,36 @@ def write_batch(
     stale = [k for k in store.list(prefix + subdir) if "/" not in k[len(prefix + subdir) :]]
     if stale:
         store.delete(stale)
-    pending: list[pa.RecordBatch] = []
-    pending_rows = 0
+    part: _PartWriter | None = None
 
     def flush() -> None:
-        nonlocal pending, pending_rows
-        if not pending:
+        nonlocal part
+        if part is None:
             return
-        data = _parquet_bytes(pending)
+        data = part.close()
         key = f"{subdir}part-{len(manifest.parts):05d}.parquet"
         store.put(prefix + key, data)
         manifest.parts.append(
             {
                 "key": key,
-                "rows": pending_rows,
+                "rows": part.rows,
                 "bytes": len(data),
                 "xxh64": xxhash.xxh64_hexdigest(data),
-                "schema": pending[0].schema.to_string(show_schema_metadata=False),
+                "schema": part.schema.to_string(show_schema_metadata=False),
             }
         )
-        manifest.rows += pending_rows
-        pending, pending_rows = [], 0
+        manifest.rows += part.rows
+        part = None
 
     for batch in batches:
         if batch.num_rows == 0:
             continue
-        if pending and not batch.schema.equals(pending[0].schema):
+        if part is not None and not batch.schema.equals(part.schema):
             flush()
-        pending.append(batch)
-        pending_rows += batch.num_rows
-        if pending_rows >= part_rows:
+        if part is None:
+            part = _PartWriter(batch.schema)
+        part.write(batch)
+        if part.rows >= part_rows:
             flush()
     flush()
     store.put(prefix + subdir + MANIFEST, manifest.to_json())

@@ -8,6 +8,7 @@ WAREHOUSE ?= chdb
 USERS ?= 150000
 ORDERS ?= 20000
 PRODUCTS ?= 200
+BENCH_ARGS ?=
 
 LINT_DIRS := $(wildcard pipeline tests setup bench)
 
@@ -68,7 +69,7 @@ demo: install stack-up
 	echo && echo "luigid UI: $$LUIGID_URL   (stop the stack with: make stack-down)"
 
 bench: install system-deps
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean: stack-down
 	rm -rf $(STACK) $(VENV) .pytest_cache .ruff_cache

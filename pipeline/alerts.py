@@ -16,7 +16,7 @@ import logging
 
 import luigi
 
-from pipeline.audit import describe_error, is_pipeline_task
+from pipeline.audit import describe_error, is_pipeline_task, on_task_failure
 
 log = logging.getLogger("pipeline.alerts")
 
@@ -59,10 +59,7 @@ def send(batch: str, task: str, error: str, url: str | None = None) -> bool:
         return False
 
 
-@luigi.Task.event_handler(luigi.Event.FAILURE)
-@luigi.Task.event_handler(luigi.Event.BROKEN_TASK)
-@luigi.Task.event_handler(luigi.Event.PROCESS_FAILURE)
-@luigi.Task.event_handler(luigi.Event.TIMEOUT)
+@on_task_failure
 def _on_failure(task: luigi.Task, error: BaseException | str) -> None:
     if is_pipeline_task(task):
         send(str(getattr(task, "batch", "")), str(task), describe_error(error))

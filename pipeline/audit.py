@@ -17,7 +17,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from urllib.parse import unquote, urlsplit
@@ -248,10 +248,23 @@ def _on_success(task: luigi.Task) -> None:
         _store(record_for(task, SUCCESS))
 
 
-@luigi.Task.event_handler(luigi.Event.FAILURE)
-@luigi.Task.event_handler(luigi.Event.BROKEN_TASK)
-@luigi.Task.event_handler(luigi.Event.PROCESS_FAILURE)
-@luigi.Task.event_handler(luigi.Event.TIMEOUT)
+FailureHandler = Callable[[luigi.Task, BaseException | str], None]
+FAILURE_EVENTS = (
+    luigi.Event.FAILURE,
+    luigi.Event.BROKEN_TASK,
+    luigi.Event.PROCESS_FAILURE,
+    luigi.Event.TIMEOUT,
+)
+
+
+def on_task_failure(handler: FailureHandler) -> FailureHandler:
+    """Register `handler` for every way a Luigi task can fail (error, broken, killed, timeout)."""
+    for event in FAILURE_EVENTS:
+        luigi.Task.event_handler(event)(handler)
+    return handler
+
+
+@on_task_failure
 def _on_failure(task: luigi.Task, error: BaseException | str) -> None:
     if is_pipeline_task(task):
         _store(record_for(task, FAILURE, describe_error(error)))

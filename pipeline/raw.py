@@ -28,10 +28,6 @@ class RawLoadError(RuntimeError):
     """A batch cannot be loaded; the message names entity, batch and column."""
 
 
-def source_columns(columns: dict[str, str]) -> list[str]:
-    return [c for c in columns if c not in META_COLUMNS]
-
-
 def ensure_raw_table(wh: Warehouse, database: str, entity: Entity, schema: pa.Schema) -> None:
     """Create the raw table on first load; later columns are added by `align`."""
     wh.create_database(database)

@@ -101,10 +101,6 @@ class Features:
         return self.version >= (21, 1)
 
     @property
-    def timestamp_unit(self) -> str:
-        return "us" if self.datetime64 else "s"
-
-    @property
     def timestamp_type(self) -> str:
         """The column type for instants: microseconds where the server has DateTime64."""
         return "DateTime64(6, 'UTC')" if self.datetime64 else "DateTime('UTC')"

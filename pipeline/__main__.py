@@ -68,7 +68,7 @@ def check() -> int:
         if not wh.table_exists(cfg.database, names.storage):
             print(f"{entity.snapshot_table}: not built yet")
             continue
-        problems = check_invariants(wh, names, entity)
+        problems = check_invariants(wh, names, entity, bucket_rows=cfg.merge_bucket_rows)
         print(f"{entity.snapshot_table}: {'OK' if not problems else 'FAILED'}")
         for problem in problems:
             print(f"  {problem}")
@@ -125,7 +125,9 @@ def _run_snapshot_command(args: argparse.Namespace) -> int:
     entity = cfg.entity(args.entity)
     try:
         if args.command == "rebuild":
-            count = rebuild(warehouse(), cfg.database, entity, args.force_deletes)
+            count = rebuild(
+                warehouse(), cfg.database, entity, args.force_deletes, cfg.merge_bucket_rows
+            )
             print(f"{entity.snapshot_table}: rebuilt from {count} raw batch(es)")
         else:
             count = adopt(warehouse(), cfg.database, entity, args.table)

@@ -46,6 +46,7 @@ DEFAULTS: dict[str, str] = {
     "lookback_minutes": "10",
     "batch_rows": "50000",
     "part_rows": "500000",
+    "merge_bucket_rows": "200000",
     "delete_guard": "0.2",
     "staging_retention_days": "7",
     "raw_retention_days": "30",
@@ -114,6 +115,7 @@ class Settings:
     lookback_minutes: float
     batch_rows: int
     part_rows: int
+    merge_bucket_rows: int
     staging_retention_days: float
     entities: tuple[Entity, ...]
 
@@ -268,6 +270,7 @@ def load_settings(config_path: str | os.PathLike[str] | None = None) -> Settings
         lookback_minutes=float(values["lookback_minutes"]),
         batch_rows=int(values["batch_rows"]),
         part_rows=int(values["part_rows"]),
+        merge_bucket_rows=int(values["merge_bucket_rows"]),
         staging_retention_days=float(values["staging_retention_days"]),
         entities=entities,
     )

@@ -201,7 +201,7 @@ def _row_hashes(part: pa.Table, sources: list[str], entity: Entity) -> pa.Array:
 
     if entity.incremental:
         return row_hash(part, sources)
-    return pa.array([0] * part.num_rows, pa.uint64())
+    return pa.repeat(pa.scalar(0, pa.uint64()), part.num_rows)
 
 
 def _truncate_timestamps(part: pa.Table, wh: Warehouse) -> pa.Table:
@@ -250,9 +250,9 @@ def load_batch(
             if len(skip):
                 part = part.filter(pc.invert(pc.is_in(_key_hash(part, entity), value_set=skip)))
         n = part.num_rows
-        part = part.append_column("_batch_id", pa.array([manifest.batch_id] * n, pa.string()))
+        part = part.append_column("_batch_id", pa.repeat(pa.scalar(manifest.batch_id), n))
         part = part.append_column(
-            "_loaded_at", pa.array([loaded_at] * n, pa.timestamp("us", "UTC"))
+            "_loaded_at", pa.repeat(pa.scalar(loaded_at, pa.timestamp("us", "UTC")), n)
         )
         wh.insert_arrow(database, entity.raw_table, part)
         rows_out += n
@@ -293,9 +293,9 @@ def load_keys(
                 " ENGINE = MergeTree PARTITION BY toYYYYMM(_loaded_at) ORDER BY (_batch_id)"
             )
         n = part.num_rows
-        part = part.append_column("_batch_id", pa.array([manifest.batch_id] * n, pa.string()))
+        part = part.append_column("_batch_id", pa.repeat(pa.scalar(manifest.batch_id), n))
         part = part.append_column(
-            "_loaded_at", pa.array([loaded_at] * n, pa.timestamp("us", "UTC"))
+            "_loaded_at", pa.repeat(pa.scalar(loaded_at, pa.timestamp("us", "UTC")), n)
         )
         wh.insert_arrow(database, table, part)
         rows += n

@@ -43,16 +43,26 @@ class Spec:
 
 @dataclass(frozen=True)
 class Diff:
-    opened: pa.Table  # incoming rows + dbt_* meta + _hash: the versions to insert
-    closed: pa.Table  # dbt_scd_id, _new_valid_to: versions to close
-    tombstones: pa.Table  # dbt_scd_id (old), _new_scd_id, _new_valid_from: new_record deletes
+    """What one batch changes; every table carries the unique_key columns.
+
+    `closed` lists versions to close at `_new_valid_to`; a non-empty `_new_scd_id` also asks for a
+    tombstone version (hard_deletes = new_record) opening at that moment.
+    """
+
+    opened: pa.Table  # key + hashed columns + dbt_* meta + _hash: the versions to insert
+    closed: pa.Table  # key, dbt_scd_id, _new_valid_to, _new_scd_id
     live_before: int
     retired: int
-    touched: pa.Table  # unique_key columns of every key this diff changes
+
+    @property
+    def tombstones(self) -> int:
+        import pyarrow.compute as pc
+
+        return int(pc.sum(pc.not_equal(self.closed.column("_new_scd_id"), "")).as_py() or 0)
 
     @property
     def empty(self) -> bool:
-        return not (self.opened.num_rows or self.closed.num_rows or self.tombstones.num_rows)
+        return not (self.opened.num_rows or self.closed.num_rows)
 
 
 def hash_columns(spec: Spec, columns: list[str]) -> list[str]:
@@ -130,7 +140,7 @@ def diff(
     cur_deleted = (
         pc.equal(current.column("dbt_is_deleted"), "True").fill_null(False)
         if "dbt_is_deleted" in current.column_names
-        else pa.array([False] * current.num_rows, pa.bool_())
+        else pa.repeat(pa.scalar(False), current.num_rows)
     )
 
     idx = _match(in_keys, cur_keys)
@@ -148,7 +158,7 @@ def diff(
     if spec.strategy == "check":
         hash_changed = pc.not_equal(in_hash, cur("_hash")).fill_null(True)
         changed = pc.and_(has_cur, pc.or_(hash_changed, was_deleted))
-        valid_from = pa.array([batch_ts] * incoming.num_rows, ts_type)
+        valid_from = pa.repeat(batch, incoming.num_rows)
         updated = valid_from
     else:
         assert spec.updated_at is not None
@@ -183,13 +193,16 @@ def diff(
         .append_column("_hash", pc.filter(in_hash, opening))
     )
     if spec.hard_deletes == "new_record":
-        opened = opened.append_column("dbt_is_deleted", pa.array(["False"] * opened.num_rows))
+        opened = opened.append_column(
+            "dbt_is_deleted", pa.repeat(pa.scalar("False"), opened.num_rows)
+        )
 
-    closed = pa.table(
-        {
-            "dbt_scd_id": pc.filter(cur("dbt_scd_id"), changed),
-            "_new_valid_to": pc.filter(valid_from, changed),
-        }
+    key = list(spec.unique_key)
+    closed = incoming.select(key).filter(changed)
+    closed = (
+        closed.append_column("dbt_scd_id", pc.filter(cur("dbt_scd_id"), changed))
+        .append_column("_new_valid_to", pc.filter(valid_from, changed))
+        .append_column("_new_scd_id", pa.repeat(pa.scalar(""), closed.num_rows))
     )
     live = pc.invert(cur_deleted)
     live_before = pc.sum(live.cast(pa.int64())).as_py() or 0
@@ -197,34 +210,29 @@ def diff(
     if present is not None:
         present_keys = encode_key(present, spec.unique_key)
         seen = pa.concat_arrays([in_keys, _combined(present_keys)])
-    retired = _retired(spec, current, cur_keys, seen, live, live_before, present is not None)
-    tombstones = pa.table(
-        {
-            "dbt_scd_id": pa.array([], pa.string()),
-            "_new_scd_id": pa.array([], pa.string()),
-            "_new_valid_from": pa.array([], ts_type),
-        }
-    )
-    if retired.num_rows:
-        gone_to = pa.array([batch_ts] * retired.num_rows, ts_type)
+    gone = _retired(spec, current, cur_keys, seen, live, present is not None)
+    retired = int(pc.sum(gone.cast(pa.int64())).as_py() or 0)
+    if not spec.force_deletes:
+        check_delete_guard(spec, retired, live_before)
+    if retired:
+        gone_to = pa.repeat(batch, retired)
+        new_ids = (
+            scd_ids(pc.filter(cur_keys, gone), gone_to)
+            if spec.hard_deletes == "new_record"
+            else pa.repeat(pa.scalar(""), retired)
+        )
         closed = pa.concat_tables(
             [
                 closed,
-                pa.table({"dbt_scd_id": retired.column("dbt_scd_id"), "_new_valid_to": gone_to}),
+                current.select(key)
+                .filter(gone)
+                .cast(closed.select(key).schema)
+                .append_column("dbt_scd_id", pc.filter(current.column("dbt_scd_id"), gone))
+                .append_column("_new_valid_to", gone_to)
+                .append_column("_new_scd_id", new_ids),
             ]
         )
-        if spec.hard_deletes == "new_record":
-            tombstones = pa.table(
-                {
-                    "dbt_scd_id": retired.column("dbt_scd_id"),
-                    "_new_scd_id": scd_ids(retired.column("_key"), gone_to),
-                    "_new_valid_from": gone_to,
-                }
-            )
-    key = list(spec.unique_key)
-    gone = current.select(key).filter(pc.is_in(cur_keys, value_set=retired.column("_key")))
-    touched = pa.concat_tables([opened.select(key), gone.cast(opened.select(key).schema)])
-    return Diff(opened, closed, tombstones, live_before, retired.num_rows, touched)
+    return Diff(opened, closed, live_before, retired)
 
 
 def _combined(array: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -237,33 +245,28 @@ def _retired(
     spec: Spec,
     current: pa.Table,
     cur_keys: pa.Array,
-    in_keys: pa.Array,
+    seen: pa.Array,
     live: pa.Array,
-    live_before: int,
-    reconciled: bool = False,
-) -> pa.Table:
-    """Live keys missing from a full extract, when hard deletes are tracked; guarded."""
+    reconciled: bool,
+) -> pa.Array:
+    """Mask of the live current keys missing from a full extract, when deletes are tracked."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    empty = pa.table({"dbt_scd_id": pa.array([], pa.string()), "_key": pa.array([], pa.string())})
     visible = spec.full_scan or reconciled
     if spec.hard_deletes == "ignore" or not visible or not current.num_rows:
-        return empty
-    gone = pc.and_(live, pc.invert(pc.is_in(cur_keys, value_set=in_keys)))
-    count = pc.sum(gone.cast(pa.int64())).as_py() or 0
-    if count and count > spec.delete_guard * live_before and not spec.force_deletes:
+        return pa.repeat(pa.scalar(False), current.num_rows)
+    return pc.and_(live, pc.invert(pc.is_in(cur_keys, value_set=seen)))
+
+
+def check_delete_guard(spec: Spec, retired: int, live_before: int) -> None:
+    """Refuse to retire more than `delete_guard` of the live keys (a truncated extract?)."""
+    if retired and retired > spec.delete_guard * live_before and not spec.force_deletes:
         raise DeleteGuardError(
-            f"{spec.entity}: this full extract would retire {count} of {live_before} live keys"
-            f" ({count / live_before:.0%} > delete_guard {spec.delete_guard:.0%}); refusing."
+            f"{spec.entity}: this full extract would retire {retired} of {live_before} live keys"
+            f" ({retired / live_before:.0%} > delete_guard {spec.delete_guard:.0%}); refusing."
             " If the source really lost them, rerun the snapshot with --force-deletes."
         )
-    return pa.table(
-        {
-            "dbt_scd_id": pc.filter(current.column("dbt_scd_id"), gone),
-            "_key": pc.filter(cur_keys, gone),
-        }
-    )
 
 
 def invariant_violations(spec: Spec, versions: pa.Table, limit: int = 5) -> list[str]:

@@ -12,6 +12,7 @@ from pipeline.config import Entity
 from pipeline.hashing import row_hash
 from pipeline.scd2 import SnapshotError
 from pipeline.snapshots import (
+    BUCKET_ROWS,
     INTERNAL,
     Names,
     apply_batch,
@@ -57,7 +58,13 @@ def raw_batches(wh: Warehouse, database: str, entity: Entity) -> list[str]:
     return [r[0] for r in rows]
 
 
-def rebuild(wh: Warehouse, database: str, entity: Entity, force_deletes: bool = False) -> int:
+def rebuild(
+    wh: Warehouse,
+    database: str,
+    entity: Entity,
+    force_deletes: bool = False,
+    bucket_rows: int = BUCKET_ROWS,
+) -> int:
     """Replay every raw batch in order into a fresh history, then swap it in.
 
     Returns the number of batches replayed. The result equals the incrementally built history
@@ -68,7 +75,7 @@ def rebuild(wh: Warehouse, database: str, entity: Entity, force_deletes: bool = 
     wh.execute(f"DROP TABLE IF EXISTS {side.q_storage}")
     batches = raw_batches(wh, database, entity)
     for batch in batches:
-        apply_batch(wh, database, entity, batch, force_deletes, names=side)
+        apply_batch(wh, database, entity, batch, force_deletes, side, bucket_rows)
     if not wh.table_exists(database, side.storage):
         raise SnapshotError(f"{entity.name}: no raw batches to rebuild from")
     _swap(wh, database, live.storage, side.storage)

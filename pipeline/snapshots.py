@@ -12,18 +12,27 @@ invisible to the diff, and writing the same rows again is absorbed by the merge 
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from pipeline.config import Entity
-from pipeline.scd2 import TS, Diff, SnapshotError, Spec, diff, invariant_violations
+from pipeline.scd2 import (
+    TS,
+    Diff,
+    SnapshotError,
+    Spec,
+    check_delete_guard,
+    diff,
+    hash_columns,
+    invariant_violations,
+)
 from pipeline.state import StageResult, failpoint, last_done
 from pipeline.warehouse import (
     Warehouse,
     arrow_to_clickhouse,
-    column_defs,
     literal,
     qualified,
     quote_ident,
@@ -35,6 +44,8 @@ if TYPE_CHECKING:
 INTERNAL = ("_hash", "_opened_by", "_closed_by", "_version")
 RAW_META = ("_batch_id", "_loaded_at", "_row_hash")
 STAGE = "snapshot"
+# keys per merge bucket: bounds the memory of a merge (`[cdc] merge_bucket_rows`)
+BUCKET_ROWS = 200_000
 
 
 class InvariantError(SnapshotError):
@@ -167,37 +178,87 @@ def ensure_view(wh: Warehouse, names: Names, entity: Entity) -> None:
     )
 
 
-def read_incoming(wh: Warehouse, database: str, entity: Entity, batch_id: str) -> pa.Table:
-    import pyarrow as pa
+@dataclass(frozen=True)
+class Buckets:
+    """Split the keys into `count` groups by a hash of their text, the same on every table.
 
-    if not wh.table_exists(database, entity.raw_table):
-        return pa.table({})
-    cols = [c for c in wh.columns(database, entity.raw_table) if c not in RAW_META]
-    select = ", ".join(quote_ident(c) for c in cols)
+    A merge works one bucket at a time, so its memory is that of one bucket, whatever the
+    table size. One bucket (the usual case) adds no condition at all.
+    """
+
+    count: int
+    keys: tuple[str, ...]
+
+    @classmethod
+    def sized(cls, rows: int, bucket_rows: int, keys: tuple[str, ...]) -> Buckets:
+        return cls(max(1, math.ceil(rows / max(bucket_rows, 1))), keys)
+
+    def where(self, bucket: int) -> str:
+        """A SQL condition that keeps the keys of `bucket`."""
+        if self.count == 1:
+            return "1"
+        text = ", ".join(f"toString({quote_ident(k)})" for k in self.keys)
+        return f"modulo(cityHash64({text}), {self.count}) = {bucket}"
+
+
+def diff_columns(entity: Entity, columns: list[str]) -> list[str]:
+    """The raw columns the diff needs: key, hashed columns, `updated_at`; not the whole row."""
+    hashed = set(hash_columns(spec_for(entity), columns))
+    wanted = hashed | set(entity.unique_key) | {entity.updated_at}
+    return [c for c in columns if c in wanted]
+
+
+def source_columns(wh: Warehouse, database: str, entity: Entity) -> list[str]:
+    return [c for c in wh.columns(database, entity.raw_table) if c not in RAW_META]
+
+
+def read_incoming(
+    wh: Warehouse,
+    database: str,
+    entity: Entity,
+    batch_id: str,
+    columns: list[str],
+    where: str = "1",
+) -> pa.Table:
+    select = ", ".join(quote_ident(c) for c in columns)
     return wh.query_arrow(
-        f"SELECT {select} FROM {qualified(database, entity.raw_table)} WHERE _batch_id = %(b)s",
+        f"SELECT {select} FROM {qualified(database, entity.raw_table)}"
+        f" WHERE _batch_id = %(b)s AND {where}",
         {"b": batch_id},
     )
 
 
-def read_present_keys(
-    wh: Warehouse, database: str, entity: Entity, batch_id: str
-) -> pa.Table | None:
-    """Every key the source had at this batch (reconciliation), or None when not reconciled."""
+def reconciled(wh: Warehouse, database: str, entity: Entity, batch_id: str) -> bool:
+    """Whether this batch has a key list; an empty one proves nothing, so it retires nothing."""
     from pipeline.raw import keys_table
 
     table = keys_table(entity)
     if not entity.reconcile or not wh.table_exists(database, table):
-        return None
-    cols = ", ".join(quote_ident(k) for k in entity.unique_key)
-    keys = wh.query_arrow(
-        f"SELECT {cols} FROM {qualified(database, table)} WHERE _batch_id = %(b)s",
+        return False
+    count = wh.scalar(
+        f"SELECT count() FROM {qualified(database, table)} WHERE _batch_id = %(b)s",
         {"b": batch_id},
     )
-    return keys if keys.num_rows else None  # an empty list proves nothing: retire nothing
+    return bool(count)
 
 
-def read_ended(wh: Warehouse, names: Names, entity: Entity, batch_id: str) -> pa.Table | None:
+def read_present_keys(
+    wh: Warehouse, database: str, entity: Entity, batch_id: str, where: str = "1"
+) -> pa.Table:
+    """Every key the source had at this batch (reconciliation)."""
+    from pipeline.raw import keys_table
+
+    cols = ", ".join(quote_ident(k) for k in entity.unique_key)
+    return wh.query_arrow(
+        f"SELECT {cols} FROM {qualified(database, keys_table(entity))}"
+        f" WHERE _batch_id = %(b)s AND {where}",
+        {"b": batch_id},
+    )
+
+
+def read_ended(
+    wh: Warehouse, names: Names, entity: Entity, batch_id: str, where: str = "1"
+) -> pa.Table | None:
     """Last `dbt_valid_to` of every key with closed versions, before this batch.
 
     Only the timestamp strategy with hard_deletes = invalidate needs it: there a key can come
@@ -209,12 +270,14 @@ def read_ended(wh: Warehouse, names: Names, entity: Entity, batch_id: str) -> pa
     return wh.query_arrow(
         f"SELECT {keys}, max(dbt_valid_to) AS last_valid_to FROM {names.q_storage} FINAL"
         " WHERE _opened_by < %(b)s AND _closed_by != '' AND _closed_by < %(b)s"
-        f" GROUP BY {keys}",
+        f" AND {where} GROUP BY {keys}",
         {"b": batch_id},
     )
 
 
-def read_current(wh: Warehouse, names: Names, entity: Entity, batch_id: str) -> pa.Table:
+def read_current(
+    wh: Warehouse, names: Names, entity: Entity, batch_id: str, where: str = "1"
+) -> pa.Table:
     """Each key's current version as it was before this batch (see module docstring)."""
     cols = [quote_ident(k) for k in entity.unique_key]
     cols += ["dbt_scd_id", "_hash", "dbt_updated_at", "dbt_valid_from"]
@@ -222,7 +285,7 @@ def read_current(wh: Warehouse, names: Names, entity: Entity, batch_id: str) -> 
         cols.append("dbt_is_deleted")
     return wh.query_arrow(
         f"SELECT {', '.join(cols)} FROM {names.q_storage} FINAL"
-        " WHERE _opened_by < %(b)s AND (_closed_by = '' OR _closed_by >= %(b)s)",
+        f" WHERE _opened_by < %(b)s AND (_closed_by = '' OR _closed_by >= %(b)s) AND {where}",
         {"b": batch_id},
     )
 
@@ -245,113 +308,180 @@ def effective_time(wh: Warehouse, names: Names, batch_id: str) -> datetime:
     return ts
 
 
-def _write_opened(
-    wh: Warehouse, names: Names, opened: pa.Table, batch_id: str, version: int
-) -> None:
-    import pyarrow as pa
-
-    n = opened.num_rows
-    if not n:
-        return
-    opened = opened.append_column("_opened_by", pa.array([batch_id] * n, pa.string()))
-    opened = opened.append_column("_closed_by", pa.array([""] * n, pa.string()))
-    opened = opened.append_column("_version", pa.array([version] * n, pa.uint64()))
-    storage_cols = wh.columns(names.database, names.storage)
-    keep = [c for c in opened.column_names if c in storage_cols]
-    wh.insert_arrow(names.database, names.storage, opened.select(keep))
+OPEN_META = ("dbt_scd_id", "dbt_updated_at", "dbt_valid_from", "_hash", "dbt_is_deleted")
 
 
-def _copy_versions(
-    wh: Warehouse, names: Names, tmp: pa.Table, overrides: dict[str, str], params: dict[str, object]
-) -> None:
-    """INSERT ... SELECT storage rows joined to a temp table, with some columns replaced."""
-    if not tmp.num_rows:
-        return
-    tmp_name = f"{names.storage}__tmp"
-    q_tmp = qualified(names.database, tmp_name)
-    wh.execute(f"DROP TABLE IF EXISTS {q_tmp}")
-    ts = wh.features.timestamp_type
-    defs = ", ".join(
-        f"{quote_ident(c)} {ts if c.endswith(('valid_to', 'valid_from')) else 'String'}"
-        for c in tmp.column_names
-    )
-    wh.execute(f"CREATE TABLE {q_tmp} ({defs}) ENGINE = Memory")
-    try:
-        wh.insert_arrow(names.database, tmp_name, tmp)
-        cols = list(wh.columns(names.database, names.storage))
-        select = ", ".join(overrides.get(c, quote_ident(c)) for c in cols)
-        wh.execute(
-            f"INSERT INTO {names.q_storage} ({', '.join(quote_ident(c) for c in cols)})"
-            f" SELECT {select} FROM {names.q_storage} FINAL"
-            f" ANY INNER JOIN {q_tmp} USING (dbt_scd_id)",
-            params,
-        )
-    finally:
-        wh.execute(f"DROP TABLE IF EXISTS {q_tmp}")
+class Pending:
+    """A batch's diff parked in the warehouse, bucket by bucket, until every bucket is diffed.
 
+    The delete guard needs the whole batch's count before anything is written, and the rows
+    of opened versions are never pulled into Python: `write` joins the raw batch with the
+    parked keys and meta columns inside the warehouse.
+    """
 
-def write_diff(wh: Warehouse, names: Names, d: Diff, batch_id: str) -> None:
-    """Open, tombstone, then close; each step is idempotent, so a crash anywhere is safe."""
+    def __init__(self, wh: Warehouse, names: Names, entity: Entity, key_types: dict[str, str]):
+        self.wh, self.names, self.entity = wh, names, entity
+        self.key_types = key_types
+        self.open_table = f"{names.storage}__open"
+        self.close_table = f"{names.storage}__close"
+        self.opened: dict[int, int] = {}
+        self.closed: dict[int, int] = {}
+        self.tombstones: dict[int, int] = {}
+        self.created = False
 
-    version = time.time_ns()
-    _write_opened(wh, names, d.opened, batch_id, version)
-    failpoint("snapshot-after-open", f"{names.storage} batch {batch_id}")
-    _copy_versions(
-        wh,
-        names,
-        d.tombstones,
-        {
+    def q(self, table: str) -> str:
+        return qualified(self.names.database, table)
+
+    @property
+    def key_list(self) -> str:
+        return ", ".join(quote_ident(k) for k in self.entity.unique_key)
+
+    def _create(self) -> None:
+        ts = self.wh.features.timestamp_type
+        keys = ", ".join(f"{quote_ident(k)} {t}" for k, t in self.key_types.items())
+        deleted = ", dbt_is_deleted Nullable(String)" if self._new_record else ""
+        tables = {
+            self.open_table: f"dbt_scd_id String, dbt_updated_at {ts}, dbt_valid_from {ts},"
+            f" _hash UInt64{deleted}",
+            self.close_table: f"dbt_scd_id String, _new_valid_to {ts}, _new_scd_id String",
+        }
+        for table, meta in tables.items():
+            self.wh.execute(f"DROP TABLE IF EXISTS {self.q(table)}")
+            self.wh.execute(
+                f"CREATE TABLE {self.q(table)} ({keys}, {meta}, _bucket UInt32) ENGINE = Log"
+            )
+        self.created = True
+
+    @property
+    def _new_record(self) -> bool:
+        return self.entity.hard_deletes == "new_record"
+
+    def add(self, bucket: int, d: Diff) -> None:
+        import pyarrow as pa
+
+        if d.empty:
+            return
+        if not self.created:
+            self._create()
+        keys = list(self.entity.unique_key)
+        opened = d.opened.select(keys + [c for c in OPEN_META if c in d.opened.column_names])
+        for table, data, counts in (
+            (self.open_table, opened, self.opened),
+            (self.close_table, d.closed, self.closed),
+        ):
+            if data.num_rows:
+                tagged = data.append_column(
+                    "_bucket", pa.repeat(pa.scalar(bucket, pa.uint32()), data.num_rows)
+                )
+                self.wh.insert_arrow(self.names.database, table, tagged)
+                counts[bucket] = data.num_rows
+        if d.tombstones:
+            self.tombstones[bucket] = d.tombstones
+
+    def write(self, raw: str, source: list[str], batch_id: str, buckets: Buckets) -> None:
+        """Open, tombstone, then close; each step is idempotent, so a crash anywhere is safe."""
+        version = time.time_ns()
+        stored = self.wh.columns(self.names.database, self.names.storage)
+        for bucket in sorted(self.opened):
+            self._open(raw, [c for c in source if c in stored], batch_id, version, buckets, bucket)
+        failpoint("snapshot-after-open", f"{self.names.storage} batch {batch_id}")
+        tombstone = {
             "dbt_scd_id": "_new_scd_id",
-            "dbt_updated_at": "_new_valid_from",
-            "dbt_valid_from": "_new_valid_from",
+            "dbt_updated_at": "_new_valid_to",
+            "dbt_valid_from": "_new_valid_to",
             "dbt_valid_to": "NULL",
             "dbt_is_deleted": "'True'",
             "_opened_by": "%(b)s",
             "_closed_by": "''",
             "_version": "%(v)s",
-        },
-        {"b": batch_id, "v": version},
-    )
-    _copy_versions(
-        wh,
-        names,
-        d.closed,
-        {"dbt_valid_to": "_new_valid_to", "_closed_by": "%(b)s", "_version": "%(v)s"},
-        {"b": batch_id, "v": version + 1},
-    )
+        }
+        close = {"dbt_valid_to": "_new_valid_to", "_closed_by": "%(b)s", "_version": "%(v)s"}
+        for bucket in sorted(self.tombstones):
+            self._copy(bucket, tombstone, {"b": batch_id, "v": version}, "_new_scd_id != ''")
+        for bucket in sorted(self.closed):
+            self._copy(bucket, close, {"b": batch_id, "v": version + 1})
+
+    def _open(
+        self,
+        raw: str,
+        columns: list[str],
+        batch_id: str,
+        version: int,
+        buckets: Buckets,
+        bucket: int,
+    ) -> None:
+        """INSERT the batch's rows of opened keys, with their meta columns, in one statement."""
+        meta = [c for c in OPEN_META if c != "dbt_is_deleted" or self._new_record]
+        target = [*columns, *meta, "dbt_valid_to", "_opened_by", "_closed_by", "_version"]
+        select = [*map(quote_ident, columns), *meta, "NULL", "%(b)s", "''", "%(v)s"]
+        source = ", ".join(quote_ident(c) for c in columns)
+        self.wh.execute(
+            f"INSERT INTO {self.names.q_storage} ({', '.join(map(quote_ident, target))})"
+            f" SELECT {', '.join(select)}"
+            f" FROM (SELECT {source} FROM {qualified(self.names.database, raw)}"
+            f" WHERE _batch_id = %(b)s AND {buckets.where(bucket)}) AS r"
+            f" ANY INNER JOIN (SELECT {self.key_list}, {', '.join(meta)}"
+            f" FROM {self.q(self.open_table)} WHERE _bucket = {int(bucket)}) AS p"
+            f" USING ({self.key_list})",
+            {"b": batch_id, "v": version},
+        )
+
+    def _copy(
+        self, bucket: int, overrides: dict[str, str], params: dict[str, object], only: str = "1"
+    ) -> None:
+        """Re-insert parked versions with some columns replaced (ReplacingMergeTree keeps it)."""
+        cols = list(self.wh.columns(self.names.database, self.names.storage))
+        select = ", ".join(overrides.get(c, quote_ident(c)) for c in cols)
+        parked = f"FROM {self.q(self.close_table)} WHERE _bucket = {int(bucket)} AND {only}"
+        self.wh.execute(
+            f"INSERT INTO {self.names.q_storage} ({', '.join(quote_ident(c) for c in cols)})"
+            f" SELECT {select} FROM (SELECT * FROM {self.names.q_storage} FINAL"
+            f" WHERE ({self.key_list}) IN (SELECT {self.key_list} {parked})) AS s"
+            f" ANY INNER JOIN (SELECT dbt_scd_id, _new_valid_to, _new_scd_id {parked}) AS c"
+            " USING (dbt_scd_id)",
+            params,
+        )
+
+    def touched_keys(self) -> str:
+        """A subquery listing every key this batch opened or closed a version of."""
+        return (
+            f"SELECT {self.key_list} FROM {self.q(self.open_table)}"
+            f" UNION ALL SELECT {self.key_list} FROM {self.q(self.close_table)}"
+        )
+
+    def drop(self) -> None:
+        if self.created:
+            for table in (self.open_table, self.close_table):
+                self.wh.execute(f"DROP TABLE IF EXISTS {self.q(table)}")
 
 
 def check_invariants(
-    wh: Warehouse, names: Names, entity: Entity, keys: pa.Table | None = None
+    wh: Warehouse,
+    names: Names,
+    entity: Entity,
+    keys: str | None = None,
+    bucket_rows: int = BUCKET_ROWS,
 ) -> list[str]:
-    """Invariants of the whole history, or of the given keys' histories only.
+    """Invariants of the whole history (bucket by bucket), or of the keys a subquery lists.
 
     Only keys a merge touched can break, so after a merge the check reads just those (a
-    no-change run reads nothing); `python -m pipeline check` reads everything. The keys travel
-    in a temporary Memory table: an IN list of literals would outgrow max_query_size.
+    no-change run reads nothing); `python -m pipeline check` reads everything.
     """
     cols = [quote_ident(k) for k in entity.unique_key] + ["dbt_valid_from", "dbt_valid_to"]
     select = f"SELECT {', '.join(cols)} FROM {names.q_storage} FINAL"
-    if keys is None:
-        return invariant_violations(spec_for(entity), wh.query_arrow(select))
-    if keys.num_rows == 0:
-        return []
-    tmp = f"{names.storage}__check"
-    q_tmp = qualified(names.database, tmp)
-    key_cols = ", ".join(quote_ident(k) for k in entity.unique_key)
-    wh.execute(f"DROP TABLE IF EXISTS {q_tmp}")
-    wh.execute(
-        f"CREATE TABLE {q_tmp} ({column_defs(keys.schema, wh.features, entity.unique_key)})"
-        " ENGINE = Memory"
-    )
-    try:
-        wh.insert_arrow(names.database, tmp, keys)
-        versions = wh.query_arrow(
-            f"{select} WHERE ({key_cols}) IN (SELECT {key_cols} FROM {q_tmp})"
+    spec = spec_for(entity)
+    if keys is not None:
+        key_cols = ", ".join(quote_ident(k) for k in entity.unique_key)
+        return invariant_violations(
+            spec, wh.query_arrow(f"{select} WHERE ({key_cols}) IN ({keys})")
         )
-    finally:
-        wh.execute(f"DROP TABLE IF EXISTS {q_tmp}")
-    return invariant_violations(spec_for(entity), versions)
+    total = int(wh.scalar(f"SELECT count() FROM {names.q_storage}") or 0)
+    buckets = Buckets.sized(total, bucket_rows, entity.unique_key)
+    problems: list[str] = []
+    for bucket in range(buckets.count):
+        versions = wh.query_arrow(f"{select} WHERE {buckets.where(bucket)}")
+        problems += invariant_violations(spec, versions)
+    return problems
 
 
 FULL_CHECK_SHARE = 0.2
@@ -364,6 +494,7 @@ def apply_batch(
     batch_id: str,
     force_deletes: bool = False,
     names: Names | None = None,
+    bucket_rows: int = BUCKET_ROWS,
 ) -> StageResult:
     """Apply one loaded raw batch to the entity's history, in batch order.
 
@@ -380,34 +511,78 @@ def apply_batch(
                 f"{entity.name}: batch {batch_id} is older than the last applied batch {last};"
                 " batches apply in order"
             )
-    incoming = read_incoming(wh, database, entity, batch_id)
-    if incoming.num_columns == 0 and not wh.table_exists(database, names.storage):
+    has_raw = wh.table_exists(database, entity.raw_table)
+    if not has_raw and not wh.table_exists(database, names.storage):
         return StageResult()
-    if incoming.num_columns:
-        ensure_storage(wh, names, entity, incoming.schema)
-    if incoming.num_columns == 0:
-        incoming = _empty_like_storage(wh, names, entity)
-    current = read_current(wh, names, entity, batch_id)
-    present = read_present_keys(wh, database, entity, batch_id)
-    d = diff(
-        spec_for(entity, force_deletes),
-        current,
-        incoming,
-        effective_time(wh, names, batch_id),
-        present,
-        read_ended(wh, names, entity, batch_id),
+    source: list[str] = []
+    if has_raw:
+        source = source_columns(wh, database, entity)
+        schema = read_incoming(wh, database, entity, batch_id, source, "0").schema
+        ensure_storage(wh, names, entity, schema)
+        key_types = {k: wh.columns(database, entity.raw_table)[k] for k in entity.unique_key}
+    else:  # the raw table is gone: an empty extract, everything disappeared
+        key_types = {k: wh.columns(database, names.storage)[k] for k in entity.unique_key}
+    spec = spec_for(entity, force_deletes)
+    narrow = diff_columns(entity, source)
+    batch_ts = effective_time(wh, names, batch_id)
+    buckets = Buckets.sized(
+        max(
+            _count_incoming(wh, database, entity, batch_id) if has_raw else 0,
+            _count_current(wh, names),
+        ),
+        bucket_rows,
+        entity.unique_key,
     )
-    write_diff(wh, names, d, batch_id)
-    few = d.touched.num_rows <= FULL_CHECK_SHARE * max(d.live_before, 1)
-    problems = check_invariants(wh, names, entity, d.touched if few else None)
-    if problems:
-        raise InvariantError("SCD2 invariants broken:\n" + "\n".join(problems))
+    with_keys = reconciled(wh, database, entity, batch_id)
+    pending = Pending(wh, names, entity, key_types)
+    rows_in = live_before = retired = 0
+    try:
+        for bucket in range(buckets.count):
+            where = buckets.where(bucket)
+            if has_raw:
+                incoming = read_incoming(wh, database, entity, batch_id, narrow, where)
+            else:
+                incoming = _empty_like_storage(wh, names, entity)
+            d = diff(
+                replace(spec, force_deletes=True),  # the guard counts the whole batch, below
+                read_current(wh, names, entity, batch_id, where),
+                incoming,
+                batch_ts,
+                read_present_keys(wh, database, entity, batch_id, where) if with_keys else None,
+                read_ended(wh, names, entity, batch_id, where),
+            )
+            pending.add(bucket, d)
+            rows_in += incoming.num_rows
+            live_before += d.live_before
+            retired += d.retired
+        check_delete_guard(spec, retired, live_before)
+        pending.write(entity.raw_table, source, batch_id, buckets)
+        touched = sum(pending.opened.values()) + retired
+        if touched:
+            few = touched <= FULL_CHECK_SHARE * max(live_before, 1)
+            keys = pending.touched_keys() if few else None
+            problems = check_invariants(wh, names, entity, keys, bucket_rows)
+            if problems:
+                raise InvariantError("SCD2 invariants broken:\n" + "\n".join(problems))
+    finally:
+        pending.drop()
+    opened = sum(pending.opened.values()) + sum(pending.tombstones.values())
     return StageResult(
-        rows_in=incoming.num_rows,
-        rows_out=d.opened.num_rows + d.tombstones.num_rows,
-        versions_opened=d.opened.num_rows + d.tombstones.num_rows,
-        versions_closed=d.closed.num_rows,
+        rows_in=rows_in,
+        rows_out=opened,
+        versions_opened=opened,
+        versions_closed=sum(pending.closed.values()),
     )
+
+
+def _count_incoming(wh: Warehouse, database: str, entity: Entity, batch_id: str) -> int:
+    table = qualified(database, entity.raw_table)
+    return int(wh.scalar(f"SELECT count() FROM {table} WHERE _batch_id = %(b)s", {"b": batch_id}))
+
+
+def _count_current(wh: Warehouse, names: Names) -> int:
+    """Versions not known to be closed: at least the current ones (sizes the buckets)."""
+    return int(wh.scalar(f"SELECT count() FROM {names.q_storage} WHERE _closed_by = ''") or 0)
 
 
 def _empty_like_storage(wh: Warehouse, names: Names, entity: Entity) -> pa.Table:

@@ -311,7 +311,14 @@ class Snapshot(EntityTask):
 
         cfg = settings()
         entity = cfg.entity(self.entity)
-        result = apply_batch(warehouse(), cfg.database, entity, self.batch, self.force_deletes)
+        result = apply_batch(
+            warehouse(),
+            cfg.database,
+            entity,
+            self.batch,
+            self.force_deletes,
+            bucket_rows=cfg.merge_bucket_rows,
+        )
         self.record("snapshot", result)
 
 

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from pipeline.config import Entity
 from pipeline.raw import ensure_raw_table
 from pipeline.scd2 import DeleteGuardError
-from pipeline.snapshots import Names, apply_batch, check_invariants
+from pipeline.snapshots import BUCKET_ROWS, Names, apply_batch, check_invariants
 from pipeline.state import FailpointError, ensure_tables, mark_done
 from pipeline.warehouse import Warehouse, connect, quote_ident
 from tests.scd2_oracle import Oracle, Version, invariant_problems
@@ -33,6 +33,8 @@ from tests.scd2_oracle import Oracle, Version, invariant_problems
 # examples per strategy x hard_deletes x warehouse: the default keeps the file under ~2 min on
 # 2 cores (every batch costs ~25 warehouse queries); SCD2_EXAMPLES=100 for a deep run
 EXAMPLES = int(os.environ.get("SCD2_EXAMPLES", "12"))
+# one bucket per merge, or about two keys per bucket
+BUCKET_SIZES = st.sampled_from([BUCKET_ROWS, BUCKET_ROWS, 2])
 BASE = datetime(2024, 1, 1, tzinfo=UTC)
 SECOND, MICROSECOND = timedelta(seconds=1), timedelta(microseconds=1)
 ENTITY = "item"
@@ -219,14 +221,15 @@ def run_step(
     rows: list[dict[str, Any]],
     crash: bool = False,
     force_deletes: bool = False,
+    bucket_rows: int = BUCKET_ROWS,
 ) -> None:
     """Load one extract into raw and snapshot it, like the Load and Snapshot tasks do."""
     batch = batch_id(ts)
     load_raw(wh, database, entity, batch, rows)
     if crash:
         with failpoint("snapshot-after-open"), pytest.raises(FailpointError):
-            apply_batch(wh, database, entity, batch, force_deletes)
-    result = apply_batch(wh, database, entity, batch, force_deletes)
+            apply_batch(wh, database, entity, batch, force_deletes, bucket_rows=bucket_rows)
+    result = apply_batch(wh, database, entity, batch, force_deletes, bucket_rows=bucket_rows)
     mark_done(wh, database, entity.name, "snapshot", batch, result)
 
 
@@ -353,6 +356,7 @@ def test_oracle_timestamp_invalidate_by_hand() -> None:
     # incremental extracts: missing keys are not deletes (the extract is a superset of one)
     incremental=st.sampled_from([False, False, False, True]),
     steps=STEPS,
+    bucket_rows=BUCKET_SIZES,
 )
 def test_history_matches_oracle(
     wh: Warehouse,
@@ -361,13 +365,17 @@ def test_history_matches_oracle(
     composite: bool,
     incremental: bool,
     steps: list[Step],
+    bucket_rows: int,
 ) -> None:
-    """Every version (key, values, dbt_* columns) equals the oracle's, crashes included."""
+    """Every version (key, values, dbt_* columns) equals the oracle's, crashes included.
+
+    Small buckets split each merge into several (the path of tables beyond `merge_bucket_rows`).
+    """
     entity = make_entity(config, hard_deletes, composite, incremental=incremental)
     oracle = oracle_for(entity)
     with scratch_database(wh) as database:
         for ts, rows, crash in source_states(entity, steps, time_unit(wh)):
-            run_step(wh, database, entity, ts, rows, crash)
+            run_step(wh, database, entity, ts, rows, crash, bucket_rows=bucket_rows)
             oracle.apply(rows, ts, full_scan=not incremental)
         for what in oracle.events:
             event(what)
@@ -382,17 +390,26 @@ def test_history_matches_oracle(
     hard_deletes=st.sampled_from(HARD_DELETES),
     composite=st.booleans(),
     steps=STEPS,
+    bucket_rows=BUCKET_SIZES,
 )
 def test_crash_after_open_then_rerun_equals_crash_free_run(
-    wh: Warehouse, config: str, hard_deletes: str, composite: bool, steps: list[Step]
+    wh: Warehouse,
+    config: str,
+    hard_deletes: str,
+    composite: bool,
+    steps: list[Step],
+    bucket_rows: int,
 ) -> None:
-    """Every column of the history (dbt_scd_id too) equals that of a run without crashes."""
+    """Every column of the history (dbt_scd_id too) equals that of a run without crashes.
+
+    The crashed run may also merge in small buckets: bucketing must not change any version.
+    """
     entity = make_entity(config, hard_deletes, composite)
     states = list(source_states(entity, steps, time_unit(wh)))
     with scratch_database(wh) as clean, scratch_database(wh) as crashed:
         for ts, rows, _ in states:
             run_step(wh, database=clean, entity=entity, ts=ts, rows=rows)
-            run_step(wh, database=crashed, entity=entity, ts=ts, rows=rows, crash=True)
+            run_step(wh, crashed, entity, ts, rows, crash=True, bucket_rows=bucket_rows)
         assert check_invariants(wh, Names.of(crashed, entity), entity) == []
         assert view_rows(wh, crashed, entity) == view_rows(wh, clean, entity)
 

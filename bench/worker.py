@@ -105,7 +105,9 @@ def main() -> int:
     import luigi
     from luigi.execution_summary import LuigiStatusCode
 
-    import pipeline  # noqa: F401 -- the task modules, as `luigi --module pipeline` loads them
+    import pipeline  # the task modules, as `luigi --module pipeline` loads them
+
+    pipeline.runtime.without_pandas()  # as in a `luigi` process
 
     imported = time.perf_counter()
     stages: dict[str, float] = defaultdict(float)

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.runtime import settings, warehouse
+from pipeline.runtime import settings, warehouse, without_pandas
 from pipeline.warehouse import qualified
 
 
@@ -152,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_ops_commands(sub)
     _add_snapshot_commands(sub)
     args = parser.parse_args(argv)
+    without_pandas()
     if args.command in ("status", "report"):
         return _run_ops_command(args)
     if args.command in ("rebuild", "adopt"):

@@ -124,8 +124,10 @@ def _build(batch: str, scheduler_url: str | None) -> bool:
     import luigi
     from luigi.execution_summary import LuigiStatusCode
 
+    from pipeline.runtime import without_pandas
     from pipeline.tasks import RunAll
 
+    without_pandas()
     where = {"scheduler_url": scheduler_url} if scheduler_url else {"local_scheduler": True}
     while True:
         result = luigi.build([RunAll(batch=batch)], detailed_summary=True, **where)

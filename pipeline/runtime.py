@@ -7,8 +7,10 @@ which is all chDB allows) keeps that cheap. `reset()` drops them after the setti
 from __future__ import annotations
 
 import os
+import sys
 from functools import cache
-from typing import TYPE_CHECKING
+from importlib.abc import MetaPathFinder
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import settings
 
@@ -16,7 +18,7 @@ if TYPE_CHECKING:
     from pipeline.staging import Store
     from pipeline.warehouse import Warehouse
 
-__all__ = ["reset", "settings", "store", "warehouse"]
+__all__ = ["reset", "settings", "store", "warehouse", "without_pandas"]
 
 
 @cache
@@ -49,3 +51,25 @@ def reset() -> None:
     warehouse.cache_clear()
     store.cache_clear()
     settings.cache_clear()
+
+
+class _NoPandas(MetaPathFinder):
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "pandas":
+            raise ModuleNotFoundError(
+                "pandas is not loaded in pipeline runs (CDC_ALLOW_PANDAS=1 allows it)", name=name
+            )
+
+
+def without_pandas() -> None:
+    """Keep pandas out of a pipeline run: 0.3-0.5 s of every run for nothing.
+
+    pyarrow's converters import pandas, when it is installed (chDB installs it), on the first
+    conversion of a Python list, to recognise pandas objects the pipeline never passes. Run
+    entry points (luigi --module pipeline, cdc-run, python -m pipeline) call this; a library
+    user's process is left alone, and CDC_ALLOW_PANDAS=1 turns it off.
+    """
+    if "pandas" in sys.modules or os.environ.get("CDC_ALLOW_PANDAS") == "1":
+        return
+    if not any(isinstance(finder, _NoPandas) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _NoPandas())

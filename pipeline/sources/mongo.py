@@ -242,10 +242,9 @@ def _id_filter(lower: Any, upper: Any) -> dict[str, Any]:
 
 
 def _warm_arrow() -> None:
-    """pyarrow imports pandas (installed with chDB) on its first conversion of a list: ~0.5 s.
-
-    Paying it while the prefetch thread waits on the server's first batch hides it.
-    """
+    """pyarrow's first conversion of a list may import pandas (~0.5 s, see
+    `runtime.without_pandas`); paying it while the prefetch thread waits on the server's first
+    batch hides most of it in processes that allow pandas."""
     import pyarrow as pa
 
     pa.array([None], pa.string())

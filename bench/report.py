@@ -40,6 +40,10 @@ def _line(kind: str, label: str, runs: Sequence[Sample], **more: Any) -> dict[st
     stage_names = sorted({k for s in runs for k in s.stages})
     stages = {k: _median([s.stages.get(k) for s in runs]) for k in stage_names}
     inside = _median([s.inside for s in runs])
+    stage_peaks: dict[str, float] = {}
+    for s in runs:
+        for stage, mb in s.extra.get("extra", {}).get("stage_peak_mb", {}).items():
+            stage_peaks[stage] = max(stage_peaks.get(stage, 0.0), mb)
     if stages and inside is not None:
         stages["other"] = max(0.0, inside - sum(v or 0 for v in stages.values()))
     return {
@@ -51,6 +55,7 @@ def _line(kind: str, label: str, runs: Sequence[Sample], **more: Any) -> dict[st
         "rss_mb": max(s.rss_mb for s in runs),
         "rows": _median([s.rows for s in runs]),
         "stages": stages,
+        "stage_peak_mb": stage_peaks,
         **more,
     }
 
@@ -332,6 +337,9 @@ def render(summary: dict[str, Any], meta: dict[str, Any], profile: dict[str, Any
             if line["stages"]:
                 parts = " | ".join(f"{k} {v:.2f}" for k, v in line["stages"].items() if v)
                 out.append(f"{'':8}stages: {parts}")
+            if line.get("stage_peak_mb"):
+                peaks = " | ".join(f"{k} {v:.0f}" for k, v in line["stage_peak_mb"].items())
+                out.append(f"{'':8}peak RSS MB while in: {peaks}")
             if line.get("note"):
                 out.append(f"{'':8}{line['note']}")
         if part["extraction"]:

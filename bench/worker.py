@@ -45,6 +45,16 @@ def peak_rss_kb() -> int | None:
     return None
 
 
+def reset_peak() -> bool:
+    """Restart this process's VmHWM (Linux: write 5 to clear_refs), so a stage's peak is its own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _tasks(args: argparse.Namespace) -> list[Any]:
     from pipeline.tasks import Extract, LoadRaw, RunAll, Snapshot
 
@@ -111,11 +121,22 @@ def main() -> int:
 
     imported = time.perf_counter()
     stages: dict[str, float] = defaultdict(float)
+    stage_peaks: dict[str, float] = {}
+    peak_before = 0
+
+    @luigi.Task.event_handler(luigi.Event.START)
+    def _started(task: luigi.Task) -> None:
+        nonlocal peak_before
+        peak_before = max(peak_before, peak_rss_kb() or 0)
+        reset_peak()
 
     @luigi.Task.event_handler(luigi.Event.PROCESSING_TIME)
     def _timed(task: luigi.Task, seconds: float) -> None:
         if not isinstance(task, luigi.WrapperTask):
-            stages[STAGES.get(type(task).__name__, type(task).__name__)] += seconds
+            stage = STAGES.get(type(task).__name__, type(task).__name__)
+            stages[stage] += seconds
+            peak = (peak_rss_kb() or 0) / 1024
+            stage_peaks[stage] = max(stage_peaks.get(stage, 0.0), peak)
 
     result = luigi.build(
         _tasks(args), local_scheduler=True, workers=1, log_level="WARNING", detailed_summary=True
@@ -141,7 +162,8 @@ def main() -> int:
             report["entities"] = {e: _written(e, args.batch) for e in entities}
             first = report["entities"].get(entities[0], {}) if entities else {}
             report["rows"] = first.get("extracted")
-    report["peak_kb"] = peak_rss_kb()
+    report["peak_kb"] = max(peak_before, peak_rss_kb() or 0) or None
+    report["extra"] = {"stage_peak_mb": stage_peaks}
     args.out.write_text(json.dumps(report, default=str))
     return 0 if ok else 1
 

@@ -116,7 +116,8 @@ def diff(
     """Versions to open and close so that history reflects `incoming` as of `batch_ts`.
 
     `current` holds the current version of each key (unique_key columns, dbt_scd_id, _hash,
-    dbt_updated_at, dbt_valid_from, and dbt_is_deleted when hard_deletes = new_record).
+    dbt_is_deleted when hard_deletes = new_record, and for the timestamp strategy
+    dbt_updated_at and dbt_valid_from).
     `present` (reconciliation) lists every key the source still has, for incremental batches:
     live keys in neither `present` nor `incoming` are retired like keys missing from a full scan.
     `ended` (timestamp strategy with hard_deletes = invalidate) gives, for keys whose history
@@ -154,7 +155,6 @@ def diff(
         return pc.if_else(has_cur, pc.take(values, take), pa.scalar(None, values.type))
 
     was_deleted = cur(cur_deleted).fill_null(False)
-    cur_from = cur("dbt_valid_from").cast(ts_type)
     if spec.strategy == "check":
         hash_changed = pc.not_equal(in_hash, cur("_hash")).fill_null(True)
         changed = pc.and_(has_cur, pc.or_(hash_changed, was_deleted))
@@ -172,6 +172,7 @@ def diff(
         )
         changed = pc.and_(has_cur, pc.or_(pc.or_(newer, no_ts_change), was_deleted))
         ts_or_batch = pc.coalesce(new_ts, batch)
+        cur_from = cur("dbt_valid_from").cast(ts_type)
         bound = cur_from
         if ended is not None and ended.num_rows:
             ended_at = _match(in_keys, _combined(encode_key(ended, spec.unique_key)))
@@ -282,24 +283,23 @@ def invariant_violations(spec: Spec, versions: pa.Table, limit: int = 5) -> list
 
     if versions.num_rows == 0:
         return []
-    keys = encode_key(versions, spec.unique_key)
-    if isinstance(keys, pa.ChunkedArray):
-        keys = keys.combine_chunks()
+    encoded = _combined(encode_key(versions, spec.unique_key)).dictionary_encode()
+    names = encoded.dictionary
     start = versions.column("dbt_valid_from").cast(pa.timestamp(*TS)).cast(pa.int64())
     end = versions.column("dbt_valid_to").cast(pa.timestamp(*TS)).cast(pa.int64())
-    table = pa.table({"k": keys, "s": start, "e": end}).sort_by(
+    table = pa.table({"k": encoded.indices, "s": start, "e": end}).sort_by(
         [("k", "ascending"), ("s", "ascending")]
     )
-    k = table.column("k").to_numpy(zero_copy_only=False)
-    s = table.column("s").to_numpy(zero_copy_only=False)
+    k = table.column("k").to_numpy()
+    s = table.column("s").to_numpy()
     e_arr = table.column("e")
     is_open = pc.is_null(e_arr).to_numpy(zero_copy_only=False)
-    e = e_arr.fill_null(np.iinfo(np.int64).max).to_numpy(zero_copy_only=False)
+    e = e_arr.fill_null(np.iinfo(np.int64).max).to_numpy()
     problems: list[str] = []
 
     def report(mask: np.ndarray, what: str) -> None:
         for key in list(dict.fromkeys(k[mask].tolist()))[:limit]:
-            problems.append(f"{spec.entity}: key {key!r}: {what}")
+            problems.append(f"{spec.entity}: key {names[key].as_py()!r}: {what}")
 
     report(~is_open & (e <= s), "dbt_valid_from is not before dbt_valid_to")
     same_key = k[1:] == k[:-1]
@@ -311,5 +311,5 @@ def invariant_violations(spec: Spec, versions: pa.Table, limit: int = 5) -> list
     open_keys = k[is_open]
     uniq, counts = np.unique(open_keys, return_counts=True)
     for key in uniq[counts > 1][:limit].tolist():
-        problems.append(f"{spec.entity}: key {key!r}: more than one current version")
+        problems.append(f"{spec.entity}: key {names[key].as_py()!r}: more than one current version")
     return problems

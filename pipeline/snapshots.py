@@ -280,7 +280,9 @@ def read_current(
 ) -> pa.Table:
     """Each key's current version as it was before this batch (see module docstring)."""
     cols = [quote_ident(k) for k in entity.unique_key]
-    cols += ["dbt_scd_id", "_hash", "dbt_updated_at", "dbt_valid_from"]
+    cols += ["dbt_scd_id", "_hash"]
+    if entity.strategy == "timestamp":
+        cols += ["dbt_updated_at", "dbt_valid_from"]
     if entity.hard_deletes == "new_record":
         cols.append("dbt_is_deleted")
     return wh.query_arrow(
@@ -378,12 +380,17 @@ class Pending:
         if d.tombstones:
             self.tombstones[bucket] = d.tombstones
 
-    def write(self, raw: str, source: list[str], batch_id: str, buckets: Buckets) -> None:
-        """Open, tombstone, then close; each step is idempotent, so a crash anywhere is safe."""
+    def write(self, raw: str, source: list[str], batch_id: str, bucket_rows: int) -> None:
+        """Open, tombstone, then close; each step is idempotent, so a crash anywhere is safe.
+
+        Each statement covers consecutive buckets up to `bucket_rows` parked rows, so a small
+        change is one statement per step whatever the table size.
+        """
         version = time.time_ns()
         stored = self.wh.columns(self.names.database, self.names.storage)
-        for bucket in sorted(self.opened):
-            self._open(raw, [c for c in source if c in stored], batch_id, version, buckets, bucket)
+        columns = [c for c in source if c in stored]
+        for group in _groups(self.opened, bucket_rows):
+            self._open(raw, columns, batch_id, version, group)
         failpoint("snapshot-after-open", f"{self.names.storage} batch {batch_id}")
         tombstone = {
             "dbt_scd_id": "_new_scd_id",
@@ -396,43 +403,41 @@ class Pending:
             "_version": "%(v)s",
         }
         close = {"dbt_valid_to": "_new_valid_to", "_closed_by": "%(b)s", "_version": "%(v)s"}
-        for bucket in sorted(self.tombstones):
-            self._copy(bucket, tombstone, {"b": batch_id, "v": version}, "_new_scd_id != ''")
-        for bucket in sorted(self.closed):
-            self._copy(bucket, close, {"b": batch_id, "v": version + 1})
+        for group in _groups(self.tombstones, bucket_rows):
+            self._copy(group, tombstone, {"b": batch_id, "v": version}, "_new_scd_id != ''")
+        for group in _groups(self.closed, bucket_rows):
+            self._copy(group, close, {"b": batch_id, "v": version + 1})
 
     def _open(
-        self,
-        raw: str,
-        columns: list[str],
-        batch_id: str,
-        version: int,
-        buckets: Buckets,
-        bucket: int,
+        self, raw: str, columns: list[str], batch_id: str, version: int, group: list[int]
     ) -> None:
         """INSERT the batch's rows of opened keys, with their meta columns, in one statement."""
         meta = [c for c in OPEN_META if c != "dbt_is_deleted" or self._new_record]
         target = [*columns, *meta, "dbt_valid_to", "_opened_by", "_closed_by", "_version"]
         select = [*map(quote_ident, columns), *meta, "NULL", "%(b)s", "''", "%(v)s"]
         source = ", ".join(quote_ident(c) for c in columns)
+        parked = f"FROM {self.q(self.open_table)} WHERE _bucket IN ({_ints(group)})"
         self.wh.execute(
             f"INSERT INTO {self.names.q_storage} ({', '.join(map(quote_ident, target))})"
             f" SELECT {', '.join(select)}"
             f" FROM (SELECT {source} FROM {qualified(self.names.database, raw)}"
-            f" WHERE _batch_id = %(b)s AND {buckets.where(bucket)}) AS r"
-            f" ANY INNER JOIN (SELECT {self.key_list}, {', '.join(meta)}"
-            f" FROM {self.q(self.open_table)} WHERE _bucket = {int(bucket)}) AS p"
+            f" WHERE _batch_id = %(b)s AND ({self.key_list}) IN (SELECT {self.key_list} {parked}))"
+            f" AS r ANY INNER JOIN (SELECT {self.key_list}, {', '.join(meta)} {parked}) AS p"
             f" USING ({self.key_list})",
             {"b": batch_id, "v": version},
         )
 
     def _copy(
-        self, bucket: int, overrides: dict[str, str], params: dict[str, object], only: str = "1"
+        self,
+        group: list[int],
+        overrides: dict[str, str],
+        params: dict[str, object],
+        only: str = "1",
     ) -> None:
         """Re-insert parked versions with some columns replaced (ReplacingMergeTree keeps it)."""
         cols = list(self.wh.columns(self.names.database, self.names.storage))
         select = ", ".join(overrides.get(c, quote_ident(c)) for c in cols)
-        parked = f"FROM {self.q(self.close_table)} WHERE _bucket = {int(bucket)} AND {only}"
+        parked = f"FROM {self.q(self.close_table)} WHERE _bucket IN ({_ints(group)}) AND {only}"
         self.wh.execute(
             f"INSERT INTO {self.names.q_storage} ({', '.join(quote_ident(c) for c in cols)})"
             f" SELECT {select} FROM (SELECT * FROM {self.names.q_storage} FINAL"
@@ -453,6 +458,23 @@ class Pending:
         if self.created:
             for table in (self.open_table, self.close_table):
                 self.wh.execute(f"DROP TABLE IF EXISTS {self.q(table)}")
+
+
+def _groups(counts: dict[int, int], rows: int) -> list[list[int]]:
+    """Consecutive buckets with parked rows, grouped up to `rows` rows per statement."""
+    groups: list[list[int]] = []
+    size = 0
+    for bucket in sorted(counts):
+        if not groups or size + counts[bucket] > rows:
+            groups.append([])
+            size = 0
+        groups[-1].append(bucket)
+        size += counts[bucket]
+    return groups
+
+
+def _ints(values: list[int]) -> str:
+    return ", ".join(str(int(v)) for v in values)
 
 
 def check_invariants(
@@ -556,7 +578,7 @@ def apply_batch(
             live_before += d.live_before
             retired += d.retired
         check_delete_guard(spec, retired, live_before)
-        pending.write(entity.raw_table, source, batch_id, buckets)
+        pending.write(entity.raw_table, source, batch_id, bucket_rows)
         touched = sum(pending.opened.values()) + retired
         if touched:
             few = touched <= FULL_CHECK_SHARE * max(live_before, 1)

@@ -333,7 +333,11 @@ def merge_manifests(store: Store, manifest: Manifest, ranges: Iterable[Manifest]
 
 
 def read_parts(store: Store, manifest: Manifest) -> Iterator[pa.Table]:
-    """Yield each part as an Arrow table after checking its checksum against the manifest."""
+    """Yield the batch's rows one Parquet row group at a time (one source record batch each).
+
+    Each part's checksum and row count are checked against the manifest before any of its rows
+    is yielded; memory holds one compressed part and one row group, not a decoded part.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
     import xxhash
@@ -345,13 +349,14 @@ def read_parts(store: Store, manifest: Manifest) -> Iterator[pa.Table]:
             raise StagingError(
                 f"{store.url}: {prefix}{part['key']} checksum mismatch: the staged file is damaged"
             )
-        table = pq.read_table(pa.BufferReader(data))
-        if table.num_rows != part["rows"]:
+        parquet = pq.ParquetFile(pa.BufferReader(data))
+        if parquet.metadata.num_rows != part["rows"]:
             raise StagingError(
-                f"{store.url}: {prefix}{part['key']} has {table.num_rows} rows, "
+                f"{store.url}: {prefix}{part['key']} has {parquet.metadata.num_rows} rows, "
                 f"manifest says {part['rows']}"
             )
-        yield table
+        for group in range(parquet.num_row_groups):
+            yield parquet.read_row_group(group)
 
 
 def staged_batches(store: Store, source: str, table: str) -> dict[str, list[str]]:

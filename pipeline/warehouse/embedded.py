@@ -2,10 +2,18 @@
 
 chDB can serve one data directory per process, so sessions are cached per path and a second path
 is refused with a message that says why.
+
+chDB's allocator (jemalloc) keeps the memory of finished queries for later ones; in a pipeline
+process that memory is RSS nothing else can use (1M rows through a few INSERT ... SELECT took a
+process from 290 MB to 1.2 GB). Once the process has grown by `PURGE_STEP_MB` since the last
+purge, the next statement hands the cached pages back (`SYSTEM JEMALLOC PURGE`, 10-40 ms).
+Inserts are also squashed into blocks of at most 64K rows / 16 MB instead of 1M rows, which
+bounds what one INSERT ... SELECT holds at once.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +23,16 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 _SESSIONS: dict[str, Any] = {}
+PURGE_STEP_MB = 96
+
+
+def rss_mb() -> float:
+    """This process's resident memory (0 where /proc is missing: then nothing is purged)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _session(path: str) -> Any:
@@ -40,6 +58,11 @@ class EmbeddedWarehouse(Warehouse):
         self.url = url
         self.path = path
         self._session = _session(path)
+        self._purged_at = rss_mb()
+        self._query(
+            "SET min_insert_block_size_rows = 65536, min_insert_block_size_bytes = 16777216",
+            "CSV",
+        )
         version = self.scalar("SELECT version()")
         self.features = Features(tuple(int(p) for p in str(version).split(".")[:3]))
 
@@ -75,9 +98,20 @@ class EmbeddedWarehouse(Warehouse):
 
     def _query(self, sql: str, fmt: str) -> Any:
         try:
-            return self._session.query(sql, fmt)
+            result = self._session.query(sql, fmt)
         except Exception as exc:
             raise WarehouseError(f"{exc}\n-- while running: {sql[:500]}") from exc
+        self._release_memory()
+        return result
+
+    def _release_memory(self) -> None:
+        if rss_mb() - self._purged_at < PURGE_STEP_MB:
+            return
+        try:
+            self._session.query("SYSTEM JEMALLOC PURGE", "CSV")
+        except Exception:  # a chDB built without jemalloc: nothing to hand back
+            pass
+        self._purged_at = rss_mb()
 
 
 def _normalise(table: pa.Table) -> pa.Table:

@@ -46,7 +46,7 @@ DEFAULTS: dict[str, str] = {
     "lookback_minutes": "10",
     "batch_rows": "50000",
     "part_rows": "500000",
-    "merge_bucket_rows": "200000",
+    "merge_bucket_rows": "100000",
     "delete_guard": "0.2",
     "staging_retention_days": "7",
     "raw_retention_days": "30",

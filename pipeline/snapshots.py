@@ -45,7 +45,7 @@ INTERNAL = ("_hash", "_opened_by", "_closed_by", "_version")
 RAW_META = ("_batch_id", "_loaded_at", "_row_hash")
 STAGE = "snapshot"
 # keys per merge bucket: bounds the memory of a merge (`[cdc] merge_bucket_rows`)
-BUCKET_ROWS = 200_000
+BUCKET_ROWS = 100_000
 
 
 class InvariantError(SnapshotError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import repeat
@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 MAX_EXACT_FLOAT_INT = 2**53
+# documents per chunk read ahead by the prefetch thread: decoded BSON is ~10x the size of the
+# same rows in Arrow, so chunks stay small and are typed at once, then grouped into record
+# batches of `batch_rows`
+PREFETCH_DOCS = 10_000
 
 # Python type of a BSON value -> name of the pyarrow type factory it converts to directly
 _DIRECT = {str: "string", int: "int64", float: "float64", bool: "bool_"}
@@ -214,6 +218,40 @@ def documents_to_batch(
     return pa.RecordBatch.from_arrays(arrays, names=list(fields))
 
 
+def coalesce(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """Group record batches into ones of about `rows` rows.
+
+    A column that is all NULL in one chunk takes the type it has in the others; chunks whose
+    types really differ are not merged (the raw load widens them by the documented rule).
+    """
+    import pyarrow as pa
+
+    group: list[pa.Table] = []
+    schema: pa.Schema | None = None
+    count = 0
+
+    def merged() -> pa.RecordBatch:
+        table = pa.concat_tables(group, promote_options="default").combine_chunks()
+        return table.to_batches(max_chunksize=max(table.num_rows, 1))[0]
+
+    for batch in batches:
+        table = pa.Table.from_batches([batch])
+        if schema is not None:
+            try:
+                schema = pa.unify_schemas([schema, table.schema], promote_options="default")
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                yield merged()
+                group, schema, count = [], None, 0
+        group.append(table)
+        schema = schema or table.schema
+        count += table.num_rows
+        if count >= rows:
+            yield merged()
+            group, schema, count = [], None, 0
+    if group:
+        yield merged()
+
+
 def connect(uri: str, timeout_ms: int = 5000) -> Any:
     """A client that fails fast (and says so) when the server is not there."""
     from pymongo import MongoClient
@@ -321,8 +359,11 @@ def scan(
             batch_size=min(batch_rows, 10_000),
         )
         fields: list[str] = ["_id"]
-        for docs in _prefetch(cursor, batch_rows, warm=_warm_arrow):
-            yield documents_to_batch(docs, collection, fields, mapping)
+        chunks = _prefetch(cursor, min(batch_rows, PREFETCH_DOCS), warm=_warm_arrow)
+        yield from coalesce(
+            (documents_to_batch(docs, collection, fields, mapping) for docs in chunks),
+            batch_rows,
+        )
     except PyMongoError as exc:
         raise MongoSourceError(f"MongoDB {database}.{collection}: read failed: {exc}") from exc
     finally:

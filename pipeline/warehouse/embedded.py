@@ -5,9 +5,10 @@ is refused with a message that says why.
 
 chDB's allocator (jemalloc) keeps the memory of finished queries for later ones; in a pipeline
 process that memory is RSS nothing else can use (1M rows through a few INSERT ... SELECT took a
-process from 290 MB to 1.2 GB). Once the process has grown by `PURGE_STEP_MB` since the last
-purge, the next statement hands the cached pages back (`SYSTEM JEMALLOC PURGE`, 10-40 ms).
-Inserts are also squashed into blocks of at most 64K rows / 16 MB instead of 1M rows, which
+process from 290 MB to 1.2 GB), and so does pyarrow's pool. Once the process has grown by
+`PURGE_STEP_MB` since the last purge, the next statement hands both back (`SYSTEM JEMALLOC
+PURGE`, 10-40 ms).
+Inserts are also squashed into blocks of at most 16K rows / 4 MB instead of 1M rows, which
 bounds what one INSERT ... SELECT holds at once.
 """
 
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 _SESSIONS: dict[str, Any] = {}
-PURGE_STEP_MB = 96
+PURGE_STEP_MB = 64
 
 
 def rss_mb() -> float:
@@ -60,7 +61,7 @@ class EmbeddedWarehouse(Warehouse):
         self._session = _session(path)
         self._purged_at = rss_mb()
         self._query(
-            "SET min_insert_block_size_rows = 65536, min_insert_block_size_bytes = 16777216",
+            "SET min_insert_block_size_rows = 16384, min_insert_block_size_bytes = 4194304",
             "CSV",
         )
         version = self.scalar("SELECT version()")
@@ -107,10 +108,13 @@ class EmbeddedWarehouse(Warehouse):
     def _release_memory(self) -> None:
         if rss_mb() - self._purged_at < PURGE_STEP_MB:
             return
+        import pyarrow as pa
+
         try:
             self._session.query("SYSTEM JEMALLOC PURGE", "CSV")
         except Exception:  # a chDB built without jemalloc: nothing to hand back
             pass
+        pa.default_memory_pool().release_unused()
         self._purged_at = rss_mb()
 
 

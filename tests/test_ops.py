@@ -184,8 +184,10 @@ def webhook() -> Iterator[Webhook]:
 
 
 def _runs(wh: Any, database: str, where: str = "1", params: dict[str, Any] | None = None) -> list:
+    """Audit rows in run order (ClickHouse 18.16 keeps whole seconds: ties go by batch id)."""
     return wh.query_arrow(
-        f"SELECT * FROM `{database}`.`{audit.RUNS}` WHERE {where} ORDER BY finished_at", params
+        f"SELECT * FROM `{database}`.`{audit.RUNS}` WHERE {where} ORDER BY finished_at, batch_id",
+        params,
     ).to_pylist()
 
 

@@ -12,7 +12,6 @@ invisible to the diff, and writing the same rows again is absorbed by the merge 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -191,7 +190,9 @@ class Buckets:
 
     @classmethod
     def sized(cls, rows: int, bucket_rows: int, keys: tuple[str, ...]) -> Buckets:
-        return cls(max(1, math.ceil(rows / max(bucket_rows, 1))), keys)
+        """About `bucket_rows` keys per bucket, never twice that: a table below twice the size
+        stays one bucket (each extra bucket re-reads the batch and the current versions)."""
+        return cls(max(1, rows // max(bucket_rows, 1)), keys)
 
     def where(self, bucket: int) -> str:
         """A SQL condition that keeps the keys of `bucket`."""

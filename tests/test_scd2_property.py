@@ -33,8 +33,8 @@ from tests.scd2_oracle import Oracle, Version, invariant_problems
 # examples per strategy x hard_deletes x warehouse: the default keeps the file under ~2 min on
 # 2 cores (every batch costs ~25 warehouse queries); SCD2_EXAMPLES=100 for a deep run
 EXAMPLES = int(os.environ.get("SCD2_EXAMPLES", "12"))
-# one bucket per merge, or about two keys per bucket
-BUCKET_SIZES = st.sampled_from([BUCKET_ROWS, BUCKET_ROWS, 2])
+# one bucket per merge, or one bucket per key
+BUCKET_SIZES = st.sampled_from([BUCKET_ROWS, BUCKET_ROWS, 1])
 BASE = datetime(2024, 1, 1, tzinfo=UTC)
 SECOND, MICROSECOND = timedelta(seconds=1), timedelta(microseconds=1)
 ENTITY = "item"

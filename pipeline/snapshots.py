@@ -202,15 +202,10 @@ class Buckets:
         return f"modulo(cityHash64({text}), {self.count}) = {bucket}"
 
 
-def diff_columns(entity: Entity, columns: list[str]) -> list[str]:
+def diff_columns(spec: Spec, columns: list[str]) -> list[str]:
     """The raw columns the diff needs: key, hashed columns, `updated_at`; not the whole row."""
-    hashed = set(hash_columns(spec_for(entity), columns))
-    wanted = hashed | set(entity.unique_key) | {entity.updated_at}
+    wanted = set(hash_columns(spec, columns)) | set(spec.unique_key) | {spec.updated_at}
     return [c for c in columns if c in wanted]
-
-
-def source_columns(wh: Warehouse, database: str, entity: Entity) -> list[str]:
-    return [c for c in wh.columns(database, entity.raw_table) if c not in RAW_META]
 
 
 def read_incoming(
@@ -378,8 +373,9 @@ class Pending:
                 )
                 self.wh.insert_arrow(self.names.database, table, tagged)
                 counts[bucket] = data.num_rows
-        if d.tombstones:
-            self.tombstones[bucket] = d.tombstones
+        tombstones = d.tombstones
+        if tombstones:
+            self.tombstones[bucket] = tombstones
 
     def write(self, raw: str, source: list[str], batch_id: str, bucket_rows: int) -> None:
         """Open, tombstone, then close; each step is idempotent, so a crash anywhere is safe.
@@ -388,7 +384,7 @@ class Pending:
         change is one statement per step whatever the table size.
         """
         version = time.time_ns()
-        stored = self.wh.columns(self.names.database, self.names.storage)
+        stored = list(self.wh.columns(self.names.database, self.names.storage))
         columns = [c for c in source if c in stored]
         for group in _groups(self.opened, bucket_rows):
             self._open(raw, columns, batch_id, version, group)
@@ -405,9 +401,9 @@ class Pending:
         }
         close = {"dbt_valid_to": "_new_valid_to", "_closed_by": "%(b)s", "_version": "%(v)s"}
         for group in _groups(self.tombstones, bucket_rows):
-            self._copy(group, tombstone, {"b": batch_id, "v": version}, "_new_scd_id != ''")
+            self._copy(group, stored, tombstone, {"b": batch_id, "v": version}, "_new_scd_id != ''")
         for group in _groups(self.closed, bucket_rows):
-            self._copy(group, close, {"b": batch_id, "v": version + 1})
+            self._copy(group, stored, close, {"b": batch_id, "v": version + 1})
 
     def _open(
         self, raw: str, columns: list[str], batch_id: str, version: int, group: list[int]
@@ -431,12 +427,12 @@ class Pending:
     def _copy(
         self,
         group: list[int],
+        cols: list[str],
         overrides: dict[str, str],
         params: dict[str, object],
         only: str = "1",
     ) -> None:
         """Re-insert parked versions with some columns replaced (ReplacingMergeTree keeps it)."""
-        cols = list(self.wh.columns(self.names.database, self.names.storage))
         select = ", ".join(overrides.get(c, quote_ident(c)) for c in cols)
         parked = f"FROM {self.q(self.close_table)} WHERE _bucket IN ({_ints(group)}) AND {only}"
         self.wh.execute(
@@ -537,16 +533,15 @@ def apply_batch(
     has_raw = wh.table_exists(database, entity.raw_table)
     if not has_raw and not wh.table_exists(database, names.storage):
         return StageResult()
-    source: list[str] = []
+    # without a raw table (it was dropped) the batch is an empty extract: everything disappeared
+    types = wh.columns(database, entity.raw_table if has_raw else names.storage)
+    key_types = {k: types[k] for k in entity.unique_key}
+    source = [c for c in types if c not in RAW_META] if has_raw else []
     if has_raw:
-        source = source_columns(wh, database, entity)
         schema = read_incoming(wh, database, entity, batch_id, source, "0").schema
         ensure_storage(wh, names, entity, schema)
-        key_types = {k: wh.columns(database, entity.raw_table)[k] for k in entity.unique_key}
-    else:  # the raw table is gone: an empty extract, everything disappeared
-        key_types = {k: wh.columns(database, names.storage)[k] for k in entity.unique_key}
     spec = spec_for(entity, force_deletes)
-    narrow = diff_columns(entity, source)
+    narrow = diff_columns(spec, source)
     batch_ts = effective_time(wh, names, batch_id)
     buckets = Buckets.sized(
         max(

@@ -1,8 +1,10 @@
 """Load raw: a staged batch -> `raw_<entity>` (MergeTree, partitioned by month of `_loaded_at`).
 
-Raw tables keep every batch as extracted, with `_batch_id`, `_loaded_at` and `_row_hash`. The raw
-table is the contract between Load and Snapshot. Loading is exactly-once per batch: a rerun first
-deletes what a crashed attempt inserted, and the marker row is written after the data.
+Raw tables keep every batch as extracted, with `_batch_id`, `_loaded_at`, `_row_hash` and the
+snapshot's change-detection hash (`_check_hash`, over the columns `_check_cols` names), computed
+here while the part is in Arrow anyway. The raw table is the contract between Load and
+Snapshot. Loading is exactly-once per batch: a rerun first deletes what a crashed attempt
+inserted, and the marker row is written after the data.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ if TYPE_CHECKING:
 
     from pipeline.staging import Manifest, Store
 
-META_COLUMNS = ("_batch_id", "_loaded_at", "_row_hash")
+META_COLUMNS = ("_batch_id", "_loaded_at", "_row_hash", "_check_hash", "_check_cols")
+# the hash columns a raw table created before they existed gains (old rows: 0 and '')
+CHECK_META = {"_check_hash": "UInt64", "_check_cols": "String"}
 
 
 class RawLoadError(RuntimeError):
@@ -39,9 +43,42 @@ def ensure_raw_table(wh: Warehouse, database: str, entity: Entity, schema: pa.Sc
     ts = wh.features.timestamp_type
     wh.execute(
         f"CREATE TABLE IF NOT EXISTS {qualified(database, entity.raw_table)} ({cols},"
-        f" `_batch_id` String, `_loaded_at` {ts}, `_row_hash` UInt64)"
+        f" `_batch_id` String, `_loaded_at` {ts}, `_row_hash` UInt64,"
+        " `_check_hash` UInt64, `_check_cols` String)"
         " ENGINE = MergeTree PARTITION BY toYYYYMM(_loaded_at) ORDER BY (_batch_id)"
         + _ttl(wh, entity)
+    )
+    ensure_check_columns(wh, database, entity, wh.columns(database, entity.raw_table))
+
+
+def ensure_check_columns(
+    wh: Warehouse, database: str, entity: Entity, existing: dict[str, str]
+) -> None:
+    """Give a raw table made before change hashes were stored their columns (rows: 0, '')."""
+    for name, ch_type in CHECK_META.items():
+        if name not in existing:
+            wh.execute(
+                f"ALTER TABLE {qualified(database, entity.raw_table)} ADD COLUMN `{name}` {ch_type}"
+            )
+
+
+def check_signature(entity: Entity) -> str:
+    """Which columns `_check_hash` covers: `*` (all source columns) or their sorted names.
+
+    The snapshot uses a batch's stored hashes only when this still matches the entity's
+    config; after a `check_cols` change it rehashes the batch first.
+    """
+    return "*" if entity.check_cols is None else ",".join(sorted(entity.check_cols))
+
+
+def with_check_hash(part: pa.Table, entity: Entity) -> pa.Table:
+    """Append `_check_hash` and `_check_cols` to a part (source columns only, no raw meta)."""
+    import pyarrow as pa
+
+    sources = [c for c in part.column_names if c not in META_COLUMNS]
+    hashed = row_hash(part, sources if entity.check_cols is None else entity.check_cols)
+    return part.append_column("_check_hash", hashed).append_column(
+        "_check_cols", pa.repeat(pa.scalar(check_signature(entity)), part.num_rows)
     )
 
 
@@ -152,12 +189,19 @@ def _cast(
 
 def discard_partial(wh: Warehouse, database: str, table: str, batch_id: str) -> int:
     """Delete rows a crashed attempt left for this batch; returns how many there were."""
+    return discard_rows(wh, database, table, "_batch_id = %(b)s", {"b": batch_id})
+
+
+def discard_rows(
+    wh: Warehouse, database: str, table: str, where: str, params: dict[str, str]
+) -> int:
+    """Delete the rows `where` selects (a mutation, waited for); returns how many there were."""
     if not wh.table_exists(database, table):
         return 0
     q_table = qualified(database, table)
-    left = wh.scalar(f"SELECT count() FROM {q_table} WHERE _batch_id = %(b)s", {"b": batch_id})
+    left = wh.scalar(f"SELECT count() FROM {q_table} WHERE {where}", params)
     if left:
-        wh.execute(f"ALTER TABLE {q_table} DELETE WHERE _batch_id = %(b)s", {"b": batch_id})
+        wh.execute(f"ALTER TABLE {q_table} DELETE WHERE {where}", params)
         wh.wait_mutations(database, table)
     return int(left or 0)
 
@@ -200,6 +244,8 @@ def _row_hashes(part: pa.Table, sources: list[str], entity: Entity) -> pa.Array:
     import pyarrow as pa
 
     if entity.incremental:
+        if entity.check_cols is None:  # the same hash `with_check_hash` computed
+            return part.column("_check_hash").combine_chunks()
         return row_hash(part, sources)
     return pa.repeat(pa.scalar(0, pa.uint64()), part.num_rows)
 
@@ -241,6 +287,7 @@ def load_batch(
             )
         part = align(wh, database, entity, _truncate_timestamps(part, wh))
         sources = [c for c in part.column_names if c not in META_COLUMNS]
+        part = with_check_hash(part, entity)
         part = part.append_column("_row_hash", _row_hashes(part, sources, entity))
         if lower is not None:
             if skip is None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from pipeline.hashing import encode_key, row_hash, xxh128_hex_column
+from pipeline.hashing import encode_key, row_hash
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -45,12 +45,14 @@ class Spec:
 class Diff:
     """What one batch changes; every table carries the unique_key columns.
 
-    `closed` lists versions to close at `_new_valid_to`; a non-empty `_new_scd_id` also asks for a
-    tombstone version (hard_deletes = new_record) opening at that moment.
+    `opened` lists versions to open (from `dbt_valid_from`, with `dbt_updated_at`); `closed`
+    lists versions to close at `_new_valid_to`, and `_tombstone` asks for a deletion version
+    (hard_deletes = new_record) opening at that moment. Constant meta columns and `dbt_scd_id`
+    are the writer's: it derives the id from (key, valid_from) in SQL.
     """
 
-    opened: pa.Table  # key + hashed columns + dbt_* meta + _hash: the versions to insert
-    closed: pa.Table  # key, dbt_scd_id, _new_valid_to, _new_scd_id
+    opened: pa.Table  # incoming columns + _hash, dbt_updated_at, dbt_valid_from
+    closed: pa.Table  # key, dbt_scd_id, _new_valid_to, _tombstone
     live_before: int
     retired: int
 
@@ -58,7 +60,7 @@ class Diff:
     def tombstones(self) -> int:
         import pyarrow.compute as pc
 
-        return int(pc.sum(pc.not_equal(self.closed.column("_new_scd_id"), "")).as_py() or 0)
+        return int(pc.sum(self.closed.column("_tombstone")).as_py() or 0)
 
     @property
     def empty(self) -> bool:
@@ -67,15 +69,6 @@ class Diff:
 
 def hash_columns(spec: Spec, columns: list[str]) -> list[str]:
     return list(spec.check_cols) if spec.check_cols is not None else columns
-
-
-def scd_ids(keys: pa.Array | pa.ChunkedArray, valid_from: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """dbt_scd_id: xxh3-128 of (key, valid_from), 32 hex digits like dbt's md5."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    micros = pc.cast(pc.cast(valid_from, pa.timestamp(*TS)).cast(pa.int64()), pa.string())
-    return xxh128_hex_column(pc.binary_join_element_wise(keys, micros, "|"))
 
 
 def _check_keys(spec: Spec, incoming: pa.Table, keys: pa.Array) -> None:
@@ -115,6 +108,8 @@ def diff(
 ) -> Diff:
     """Versions to open and close so that history reflects `incoming` as of `batch_ts`.
 
+    `incoming` holds the unique_key columns and either `_hash` or the hashed columns (and
+    `updated_at` for the timestamp strategy).
     `current` holds the current version of each key (unique_key columns, dbt_scd_id, _hash,
     dbt_is_deleted when hard_deletes = new_record, and for the timestamp strategy
     dbt_updated_at and dbt_valid_from).
@@ -134,7 +129,10 @@ def diff(
     if isinstance(in_keys, pa.ChunkedArray):
         in_keys = in_keys.combine_chunks()
     _check_keys(spec, incoming, in_keys)
-    in_hash = row_hash(incoming, hash_columns(spec, incoming.column_names))
+    if "_hash" in incoming.column_names:  # computed at load (raw `_check_hash`)
+        in_hash = _combined(incoming.column("_hash"))
+    else:
+        in_hash = row_hash(incoming, hash_columns(spec, incoming.column_names))
     cur_keys = encode_key(current, spec.unique_key)
     if isinstance(cur_keys, pa.ChunkedArray):
         cur_keys = cur_keys.combine_chunks()
@@ -183,27 +181,20 @@ def diff(
         updated = pc.coalesce(new_ts, valid_from)
 
     opening = pc.or_(pc.invert(has_cur), changed)
-    opened = incoming.filter(opening)
-    open_from = pc.filter(valid_from, opening)
-    open_keys = pc.filter(in_keys, opening)
+    opened = incoming.drop_columns([c for c in ("_hash",) if c in incoming.column_names])
     opened = (
-        opened.append_column("dbt_scd_id", scd_ids(open_keys, open_from))
-        .append_column("dbt_updated_at", pc.filter(updated, opening))
-        .append_column("dbt_valid_from", open_from)
-        .append_column("dbt_valid_to", pa.nulls(opened.num_rows, ts_type))
+        opened.filter(opening)
         .append_column("_hash", pc.filter(in_hash, opening))
+        .append_column("dbt_updated_at", pc.filter(updated, opening))
+        .append_column("dbt_valid_from", pc.filter(valid_from, opening))
     )
-    if spec.hard_deletes == "new_record":
-        opened = opened.append_column(
-            "dbt_is_deleted", pa.repeat(pa.scalar("False"), opened.num_rows)
-        )
 
     key = list(spec.unique_key)
     closed = incoming.select(key).filter(changed)
     closed = (
         closed.append_column("dbt_scd_id", pc.filter(cur("dbt_scd_id"), changed))
         .append_column("_new_valid_to", pc.filter(valid_from, changed))
-        .append_column("_new_scd_id", pa.repeat(pa.scalar(""), closed.num_rows))
+        .append_column("_tombstone", pa.repeat(pa.scalar(False), closed.num_rows))
     )
     live = pc.invert(cur_deleted)
     live_before = pc.sum(live.cast(pa.int64())).as_py() or 0
@@ -217,11 +208,7 @@ def diff(
         check_delete_guard(spec, retired, live_before)
     if retired:
         gone_to = pa.repeat(batch, retired)
-        new_ids = (
-            scd_ids(pc.filter(cur_keys, gone), gone_to)
-            if spec.hard_deletes == "new_record"
-            else pa.repeat(pa.scalar(""), retired)
-        )
+        tombstone = pa.scalar(spec.hard_deletes == "new_record")
         closed = pa.concat_tables(
             [
                 closed,
@@ -230,7 +217,7 @@ def diff(
                 .cast(closed.select(key).schema)
                 .append_column("dbt_scd_id", pc.filter(current.column("dbt_scd_id"), gone))
                 .append_column("_new_valid_to", gone_to)
-                .append_column("_new_scd_id", new_ids),
+                .append_column("_tombstone", pa.repeat(tombstone, retired)),
             ]
         )
     return Diff(opened, closed, live_before, retired)

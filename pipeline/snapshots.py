@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from pipeline.config import Entity
+from pipeline.raw import META_COLUMNS, check_signature, ensure_check_columns
 from pipeline.scd2 import (
     TS,
     Diff,
@@ -25,7 +26,6 @@ from pipeline.scd2 import (
     Spec,
     check_delete_guard,
     diff,
-    hash_columns,
     invariant_violations,
 )
 from pipeline.state import StageResult, failpoint, last_done
@@ -36,12 +36,12 @@ from pipeline.warehouse import (
     qualified,
     quote_ident,
 )
+from pipeline.warehouse.base import render
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 INTERNAL = ("_hash", "_opened_by", "_closed_by", "_version")
-RAW_META = ("_batch_id", "_loaded_at", "_row_hash")
 STAGE = "snapshot"
 # keys per merge bucket: bounds the memory of a merge (`[cdc] merge_bucket_rows`)
 BUCKET_ROWS = 100_000
@@ -198,14 +198,14 @@ class Buckets:
         """A SQL condition that keeps the keys of `bucket`."""
         if self.count == 1:
             return "1"
+        return self.where_any([bucket])
+
+    def where_any(self, buckets: list[int]) -> str:
+        """A SQL condition that keeps the keys of any of `buckets`."""
+        if self.count == 1 or len(buckets) == self.count:
+            return "1"
         text = ", ".join(f"toString({quote_ident(k)})" for k in self.keys)
-        return f"modulo(cityHash64({text}), {self.count}) = {bucket}"
-
-
-def diff_columns(spec: Spec, columns: list[str]) -> list[str]:
-    """The raw columns the diff needs: key, hashed columns, `updated_at`; not the whole row."""
-    wanted = set(hash_columns(spec, columns)) | set(spec.unique_key) | {spec.updated_at}
-    return [c for c in columns if c in wanted]
+        return f"modulo(cityHash64({text}), {self.count}) IN ({_ints(buckets)})"
 
 
 def read_incoming(
@@ -238,54 +238,182 @@ def reconciled(wh: Warehouse, database: str, entity: Entity, batch_id: str) -> b
     return bool(count)
 
 
-def read_present_keys(
-    wh: Warehouse, database: str, entity: Entity, batch_id: str, where: str = "1"
-) -> pa.Table:
-    """Every key the source had at this batch (reconciliation)."""
-    from pipeline.raw import keys_table
-
-    cols = ", ".join(quote_ident(k) for k in entity.unique_key)
-    return wh.query_arrow(
-        f"SELECT {cols} FROM {qualified(database, keys_table(entity))}"
-        f" WHERE _batch_id = %(b)s AND {where}",
-        {"b": batch_id},
-    )
+CURRENT = "_opened_by < %(b)s AND (_closed_by = '' OR _closed_by >= %(b)s)"
 
 
-def read_ended(
-    wh: Warehouse, names: Names, entity: Entity, batch_id: str, where: str = "1"
-) -> pa.Table | None:
-    """Last `dbt_valid_to` of every key with closed versions, before this batch.
+@dataclass(frozen=True)
+class Reads:
+    """The SQL that reads one bucket of a batch and of the history before it.
 
-    Only the timestamp strategy with hard_deletes = invalidate needs it: there a key can come
-    back with an old `updated_at` and no current version to compare with.
+    The batch's change hashes were computed at load, so the warehouse compares (key, hash)
+    pairs itself and only new, changed and vanished keys reach Python, where `diff` decides
+    on the real keys. The warehouse compares a key by a 64-bit fingerprint (set lookups on
+    numbers are several times faster than on strings): a clash can only let an extra row
+    through to the exact diff, never hold a changed one back, except when fingerprint and
+    change hash both clash at once. "Current" means current before this batch (see module
+    docstring), so a rerun reads what the first run did.
     """
-    if entity.strategy != "timestamp" or entity.hard_deletes != "invalidate":
-        return None
-    keys = ", ".join(quote_ident(k) for k in entity.unique_key)
-    return wh.query_arrow(
-        f"SELECT {keys}, max(dbt_valid_to) AS last_valid_to FROM {names.q_storage} FINAL"
-        " WHERE _opened_by < %(b)s AND _closed_by != '' AND _closed_by < %(b)s"
-        f" AND {where} GROUP BY {keys}",
-        {"b": batch_id},
-    )
 
+    wh: Warehouse
+    names: Names
+    entity: Entity
+    batch_id: str
+    has_raw: bool
+    reconciled: bool
+    has_history: bool
 
-def read_current(
-    wh: Warehouse, names: Names, entity: Entity, batch_id: str, where: str = "1"
-) -> pa.Table:
-    """Each key's current version as it was before this batch (see module docstring)."""
-    cols = [quote_ident(k) for k in entity.unique_key]
-    cols += ["dbt_scd_id", "_hash"]
-    if entity.strategy == "timestamp":
-        cols += ["dbt_updated_at", "dbt_valid_from"]
-    if entity.hard_deletes == "new_record":
-        cols.append("dbt_is_deleted")
-    return wh.query_arrow(
-        f"SELECT {', '.join(cols)} FROM {names.q_storage} FINAL"
-        f" WHERE _opened_by < %(b)s AND (_closed_by = '' OR _closed_by >= %(b)s) AND {where}",
-        {"b": batch_id},
-    )
+    @property
+    def params(self) -> dict[str, str]:
+        return {"b": self.batch_id, "s": check_signature(self.entity)}
+
+    @property
+    def keys(self) -> str:
+        return ", ".join(quote_ident(k) for k in self.entity.unique_key)
+
+    @property
+    def fingerprint(self) -> str:
+        """The key as one number; text first, so a widened key type keeps its fingerprint."""
+        text = ", ".join(f"toString({quote_ident(k)})" for k in self.entity.unique_key)
+        return f"cityHash64({text})"
+
+    @property
+    def live(self) -> str:
+        if self.entity.hard_deletes == "new_record":
+            return "ifNull(dbt_is_deleted, '') != 'True'"
+        return "1"
+
+    @property
+    def retires(self) -> bool:
+        """Whether vanished keys matter: deletes tracked and visible in this batch."""
+        visible = not self.entity.incremental or self.reconciled
+        return self.entity.hard_deletes != "ignore" and visible
+
+    def raw_rows(self, where: str) -> str:
+        raw = qualified(self.names.database, self.entity.raw_table)
+        return f"FROM {raw} WHERE _batch_id = %(b)s AND _check_cols = %(s)s AND {where}"
+
+    def history(self, where: str) -> str:
+        return f"FROM {self.names.q_storage} FINAL WHERE {CURRENT} AND {where}"
+
+    def changed_sql(self, where: str) -> str:
+        """The batch's rows whose (key, hash) is not a live current version: new or changed."""
+        cols = [self.keys, "_check_hash AS _hash"]
+        if self.entity.strategy == "timestamp":
+            assert self.entity.updated_at is not None
+            cols.append(quote_ident(self.entity.updated_at))
+        sql = f"SELECT {', '.join(cols)} {self.raw_rows(where)}"
+        if not self.has_history:
+            return sql
+        return (
+            f"{sql} AND ({self.fingerprint}, _check_hash) NOT IN"
+            f" (SELECT {self.fingerprint}, _hash {self.history(where)} AND {self.live})"
+        )
+
+    def validate(self, where: str) -> int:
+        """Rows of the batch in this bucket; refuses NULL or repeated unique_key values."""
+        nulls = " OR ".join(f"isNull({quote_ident(k)})" for k in self.entity.unique_key)
+        rows, distinct, null_rows = self.wh.query_rows(
+            f"SELECT count(), uniqExact({self.fingerprint}), countIf({nulls})"
+            f" {self.raw_rows(where)}",
+            self.params,
+        )[0]
+        name = self.entity.name
+        if null_rows:
+            raise SnapshotError(
+                f"{name}: {null_rows} row(s) of batch {self.batch_id} have a NULL unique_key"
+                f" column {list(self.entity.unique_key)}"
+            )
+        if (distinct or 0) != rows:  # 18.16: NULL over no rows; fingerprints may clash
+            dupes = self.wh.query_rows(
+                f"SELECT {self.keys}, count() {self.raw_rows(where)} GROUP BY {self.keys}"
+                " HAVING count() > 1 LIMIT 5",
+                self.params,
+            )
+            if dupes:
+                raise SnapshotError(
+                    f"{name}: unique_key value(s) appear more than once in batch"
+                    f" {self.batch_id}, e.g. {[d[0] if len(d) == 2 else d[:-1] for d in dupes]}"
+                )
+        return int(rows)
+
+    def incoming(self, where: str) -> pa.Table:
+        if not self.has_raw:
+            return self.wh.query_arrow(f"SELECT {self.keys} FROM {self.names.q_storage} WHERE 0")
+        return self.wh.query_arrow(self.changed_sql(where), self.params)
+
+    def current(self, where: str) -> pa.Table:
+        """Current versions of keys the batch changed, and of live keys it no longer has.
+
+        With a reconciliation key list, `_present` says which of them the source still has.
+        """
+        cols = [self.keys, "dbt_scd_id", "_hash"]
+        if self.entity.strategy == "timestamp":
+            cols += ["dbt_updated_at", "dbt_valid_from"]
+        if self.entity.hard_deletes == "new_record":
+            cols.append("dbt_is_deleted")
+        present = None
+        if self.retires and self.reconciled:
+            from pipeline.raw import keys_table
+
+            listed = qualified(self.names.database, keys_table(self.entity))
+            present = (
+                f"({self.keys}) IN (SELECT {self.keys} FROM {listed}"
+                f" WHERE _batch_id = %(b)s AND {where})"
+            )
+            cols.append(f"{present} AS _present")
+        wanted = []
+        if self.has_raw:
+            in_batch = f"{self.fingerprint} IN (SELECT {self.fingerprint} {self.raw_rows(where)})"
+            differs = (
+                f"({self.fingerprint}, _hash) NOT IN"
+                f" (SELECT {self.fingerprint}, _check_hash {self.raw_rows(where)})"
+            )
+            if not self.retires:
+                wanted.append(f"{differs} AND {in_batch}")
+            elif present is not None:
+                wanted.append(f"{differs} AND ({in_batch} OR NOT {present})")
+            else:
+                wanted.append(differs)  # changed or vanished
+            if self.entity.hard_deletes == "new_record":  # the tombstone of a key that is back
+                wanted.append(f"NOT ({self.live}) AND {in_batch}")
+        elif self.retires:  # no raw table: everything vanished
+            wanted.append(self.live if present is None else f"{self.live} AND NOT {present}")
+        if not wanted or not self.has_history:
+            return self.wh.query_arrow(
+                f"SELECT {', '.join(cols)} FROM {self.names.q_storage} WHERE 0", self.params
+            )
+        return self.wh.query_arrow(
+            f"SELECT {', '.join(cols)} {self.history(where)} AND ({' OR '.join(wanted)})",
+            self.params,
+        )
+
+    def ended(self, where: str) -> pa.Table | None:
+        """Last `dbt_valid_to` of the changed keys whose history has closed versions.
+
+        Only the timestamp strategy with hard_deletes = invalidate needs it: there a key can
+        come back with an old `updated_at` and no current version to compare with.
+        """
+        entity = self.entity
+        if entity.strategy != "timestamp" or entity.hard_deletes != "invalidate":
+            return None
+        return self.wh.query_arrow(
+            f"SELECT {self.keys}, max(dbt_valid_to) AS last_valid_to"
+            f" FROM {self.names.q_storage} FINAL"
+            " WHERE _opened_by < %(b)s AND _closed_by != '' AND _closed_by < %(b)s"
+            f" AND {where} AND ({self.keys}) IN (SELECT {self.keys}"
+            f" FROM ({self.changed_sql(where)})) GROUP BY {self.keys}",
+            self.params,
+        )
+
+    def live_count(self) -> int:
+        """Live keys before this batch: what the delete guard weighs a retirement against."""
+        return int(
+            self.wh.scalar(
+                f"SELECT count() {self.history('1')} AND {self.live}",
+                self.params,
+            )
+            or 0
+        )
 
 
 def effective_time(wh: Warehouse, names: Names, batch_id: str) -> datetime:
@@ -306,23 +434,43 @@ def effective_time(wh: Warehouse, names: Names, batch_id: str) -> datetime:
     return ts
 
 
-OPEN_META = ("dbt_scd_id", "dbt_updated_at", "dbt_valid_from", "_hash", "dbt_is_deleted")
+def scd_id_sql(keys: tuple[str, ...], valid_from: str) -> str:
+    """dbt_scd_id in SQL: md5 hex of (key text, '|', valid_from text), the shape of dbt's ids.
+
+    Computed by the warehouse so that opened rows never pass through Python. Composite keys
+    are length-prefixed, so ('ab','c') and ('a','bc') get different ids.
+    """
+    texts = [f"toString(assumeNotNull({quote_ident(k)}))" for k in keys]
+    if len(texts) == 1:
+        key = texts[0]
+    else:
+        key = "concat(" + ", ".join(f"toString(length({t})), ':', {t}, ';'" for t in texts) + ")"
+    return f"lower(hex(MD5(concat({key}, '|', toString({valid_from})))))"
 
 
 class Pending:
     """A batch's diff parked in the warehouse, bucket by bucket, until every bucket is diffed.
 
     The delete guard needs the whole batch's count before anything is written, and the rows
-    of opened versions are never pulled into Python: `write` joins the raw batch with the
-    parked keys and meta columns inside the warehouse.
+    of opened versions are never pulled into Python: `write` copies them from the raw batch
+    inside the warehouse. The check strategy opens every version at the batch time, so only
+    the keys are parked, and not even those for a bucket whose every row opens (a first load).
     """
 
-    def __init__(self, wh: Warehouse, names: Names, entity: Entity, key_types: dict[str, str]):
-        self.wh, self.names, self.entity = wh, names, entity
-        self.key_types = key_types
-        self.open_table = f"{names.storage}__open"
-        self.close_table = f"{names.storage}__close"
+    def __init__(
+        self,
+        reads: Reads,
+        buckets: Buckets,
+        key_types: dict[str, str],
+        batch_ts: datetime,
+    ):
+        self.reads, self.buckets, self.key_types = reads, buckets, key_types
+        self.wh, self.names, self.entity = reads.wh, reads.names, reads.entity
+        self.batch_ts = _to_ts(self.wh, literal(batch_ts))
+        self.open_table = f"{self.names.storage}__open"
+        self.close_table = f"{self.names.storage}__close"
         self.opened: dict[int, int] = {}
+        self.whole: set[int] = set()  # buckets whose every batch row opens a version
         self.closed: dict[int, int] = {}
         self.tombstones: dict[int, int] = {}
         self.created = False
@@ -332,29 +480,28 @@ class Pending:
 
     @property
     def key_list(self) -> str:
-        return ", ".join(quote_ident(k) for k in self.entity.unique_key)
+        return self.reads.keys
+
+    @property
+    def timestamped(self) -> bool:
+        return self.entity.strategy == "timestamp"
 
     def _create(self) -> None:
         ts = self.wh.features.timestamp_type
         keys = ", ".join(f"{quote_ident(k)} {t}" for k, t in self.key_types.items())
-        deleted = ", dbt_is_deleted Nullable(String)" if self._new_record else ""
+        opened = f", dbt_updated_at {ts}, dbt_valid_from {ts}" if self.timestamped else ""
         tables = {
-            self.open_table: f"dbt_scd_id String, dbt_updated_at {ts}, dbt_valid_from {ts},"
-            f" _hash UInt64{deleted}",
-            self.close_table: f"dbt_scd_id String, _new_valid_to {ts}, _new_scd_id String",
+            self.open_table: f"{keys}{opened}",
+            self.close_table: f"{keys}, dbt_scd_id String, _new_valid_to {ts}, _tombstone UInt8",
         }
-        for table, meta in tables.items():
+        for table, columns in tables.items():
             self.wh.execute(f"DROP TABLE IF EXISTS {self.q(table)}")
             self.wh.execute(
-                f"CREATE TABLE {self.q(table)} ({keys}, {meta}, _bucket UInt32) ENGINE = Log"
+                f"CREATE TABLE {self.q(table)} ({columns}, _bucket UInt32) ENGINE = Log"
             )
         self.created = True
 
-    @property
-    def _new_record(self) -> bool:
-        return self.entity.hard_deletes == "new_record"
-
-    def add(self, bucket: int, d: Diff) -> None:
+    def add(self, bucket: int, d: Diff, batch_rows: int) -> None:
         import pyarrow as pa
 
         if d.empty:
@@ -362,22 +509,31 @@ class Pending:
         if not self.created:
             self._create()
         keys = list(self.entity.unique_key)
-        opened = d.opened.select(keys + [c for c in OPEN_META if c in d.opened.column_names])
+        whole = not self.timestamped and 0 < d.opened.num_rows == batch_rows
+        parked = keys + (["dbt_updated_at", "dbt_valid_from"] if self.timestamped else [])
+        closed = d.closed.set_column(
+            d.closed.column_names.index("_tombstone"),
+            "_tombstone",
+            d.closed.column("_tombstone").cast(pa.uint8()),
+        )
         for table, data, counts in (
-            (self.open_table, opened, self.opened),
-            (self.close_table, d.closed, self.closed),
+            (self.open_table, d.opened.select(parked), self.opened),
+            (self.close_table, closed, self.closed),
         ):
             if data.num_rows:
+                counts[bucket] = data.num_rows
+                if table == self.open_table and whole:
+                    self.whole.add(bucket)
+                    continue
                 tagged = data.append_column(
                     "_bucket", pa.repeat(pa.scalar(bucket, pa.uint32()), data.num_rows)
                 )
                 self.wh.insert_arrow(self.names.database, table, tagged)
-                counts[bucket] = data.num_rows
         tombstones = d.tombstones
         if tombstones:
             self.tombstones[bucket] = tombstones
 
-    def write(self, raw: str, source: list[str], batch_id: str, bucket_rows: int) -> None:
+    def write(self, source: list[str], bucket_rows: int) -> None:
         """Open, tombstone, then close; each step is idempotent, so a crash anywhere is safe.
 
         Each statement covers consecutive buckets up to `bucket_rows` parked rows, so a small
@@ -386,11 +542,19 @@ class Pending:
         version = time.time_ns()
         stored = list(self.wh.columns(self.names.database, self.names.storage))
         columns = [c for c in source if c in stored]
-        for group in _groups(self.opened, bucket_rows):
-            self._open(raw, columns, batch_id, version, group)
-        failpoint("snapshot-after-open", f"{self.names.storage} batch {batch_id}")
+        whole = [b for b in sorted(self.whole)]
+        if whole:
+            self._open(columns, version, self.buckets.where_any(whole), None)
+        partial = {b: n for b, n in self.opened.items() if b not in self.whole}
+        for group in _groups(partial, bucket_rows):
+            parked = f"FROM {self.q(self.open_table)} WHERE _bucket IN ({_ints(group)})"
+            self._open(
+                columns, version, f"({self.key_list}) IN (SELECT {self.key_list} {parked})", parked
+            )
+        failpoint("snapshot-after-open", f"{self.names.storage} batch {self.reads.batch_id}")
+        keys = self.entity.unique_key
         tombstone = {
-            "dbt_scd_id": "_new_scd_id",
+            "dbt_scd_id": scd_id_sql(keys, "_new_valid_to"),
             "dbt_updated_at": "_new_valid_to",
             "dbt_valid_from": "_new_valid_to",
             "dbt_valid_to": "NULL",
@@ -400,28 +564,51 @@ class Pending:
             "_version": "%(v)s",
         }
         close = {"dbt_valid_to": "_new_valid_to", "_closed_by": "%(b)s", "_version": "%(v)s"}
+        batch_id = self.reads.batch_id
         for group in _groups(self.tombstones, bucket_rows):
-            self._copy(group, stored, tombstone, {"b": batch_id, "v": version}, "_new_scd_id != ''")
+            self._copy(group, stored, tombstone, {"b": batch_id, "v": version}, "_tombstone = 1")
         for group in _groups(self.closed, bucket_rows):
             self._copy(group, stored, close, {"b": batch_id, "v": version + 1})
 
-    def _open(
-        self, raw: str, columns: list[str], batch_id: str, version: int, group: list[int]
-    ) -> None:
-        """INSERT the batch's rows of opened keys, with their meta columns, in one statement."""
-        meta = [c for c in OPEN_META if c != "dbt_is_deleted" or self._new_record]
-        target = [*columns, *meta, "dbt_valid_to", "_opened_by", "_closed_by", "_version"]
-        select = [*map(quote_ident, columns), *meta, "NULL", "%(b)s", "''", "%(v)s"]
+    def _open(self, columns: list[str], version: int, rows: str, parked: str | None) -> None:
+        """INSERT the batch's rows that open versions, with their meta columns, in one statement.
+
+        `parked` (timestamp strategy) supplies each key's validity start; the check strategy
+        opens every version at the batch time.
+        """
+        meta = {
+            "dbt_updated_at": self.batch_ts,
+            "dbt_valid_from": self.batch_ts,
+            "_hash": "_check_hash",
+            "dbt_valid_to": "NULL",
+            "_opened_by": "%(b)s",
+            "_closed_by": "''",
+            "_version": "%(v)s",
+        }
+        meta["dbt_scd_id"] = scd_id_sql(self.entity.unique_key, meta["dbt_valid_from"])
+        if self.entity.hard_deletes == "new_record":
+            meta["dbt_is_deleted"] = "'False'"
         source = ", ".join(quote_ident(c) for c in columns)
-        parked = f"FROM {self.q(self.open_table)} WHERE _bucket IN ({_ints(group)})"
+        raw = f"SELECT {source}, _check_hash {self.reads.raw_rows(rows)}"
+        if self.timestamped:
+            assert parked is not None
+            meta.update(
+                dbt_updated_at="_p_updated_at",
+                dbt_valid_from="_p_valid_from",
+                dbt_scd_id=scd_id_sql(self.entity.unique_key, "_p_valid_from"),
+            )
+            raw = (
+                f"({raw}) AS r ANY INNER JOIN (SELECT {self.key_list},"
+                f" dbt_updated_at AS _p_updated_at, dbt_valid_from AS _p_valid_from {parked})"
+                f" AS p USING ({self.key_list})"
+            )
+        else:
+            raw = f"({raw})"
+        target = [*columns, *meta]
         self.wh.execute(
             f"INSERT INTO {self.names.q_storage} ({', '.join(map(quote_ident, target))})"
-            f" SELECT {', '.join(select)}"
-            f" FROM (SELECT {source} FROM {qualified(self.names.database, raw)}"
-            f" WHERE _batch_id = %(b)s AND ({self.key_list}) IN (SELECT {self.key_list} {parked}))"
-            f" AS r ANY INNER JOIN (SELECT {self.key_list}, {', '.join(meta)} {parked}) AS p"
-            f" USING ({self.key_list})",
-            {"b": batch_id, "v": version},
+            f" SELECT {', '.join([*map(quote_ident, columns), *meta.values()])} FROM {raw}",
+            {**self.reads.params, "v": version},
         )
 
     def _copy(
@@ -439,17 +626,21 @@ class Pending:
             f"INSERT INTO {self.names.q_storage} ({', '.join(quote_ident(c) for c in cols)})"
             f" SELECT {select} FROM (SELECT * FROM {self.names.q_storage} FINAL"
             f" WHERE ({self.key_list}) IN (SELECT {self.key_list} {parked})) AS s"
-            f" ANY INNER JOIN (SELECT dbt_scd_id, _new_valid_to, _new_scd_id {parked}) AS c"
+            f" ANY INNER JOIN (SELECT dbt_scd_id, _new_valid_to {parked}) AS c"
             " USING (dbt_scd_id)",
             params,
         )
 
     def touched_keys(self) -> str:
         """A subquery listing every key this batch opened or closed a version of."""
-        return (
-            f"SELECT {self.key_list} FROM {self.q(self.open_table)}"
-            f" UNION ALL SELECT {self.key_list} FROM {self.q(self.close_table)}"
-        )
+        parts = [
+            f"SELECT {self.key_list} FROM {self.q(self.open_table)}",
+            f"SELECT {self.key_list} FROM {self.q(self.close_table)}",
+        ]
+        if self.whole:
+            where = self.buckets.where_any(sorted(self.whole))
+            parts.append(f"SELECT {self.key_list} {self.reads.raw_rows(where)}")
+        return " UNION ALL ".join(parts)
 
     def drop(self) -> None:
         if self.created:
@@ -520,6 +711,8 @@ def apply_batch(
     `names` redirects the writes (a rebuild replays history into a side table); the batch-order
     check then is the caller's business.
     """
+    import pyarrow as pa
+
     if names is None:
         names = Names.of(database, entity)
         last = last_done(wh, database, entity.name, STAGE)
@@ -536,49 +729,58 @@ def apply_batch(
     # without a raw table (it was dropped) the batch is an empty extract: everything disappeared
     types = wh.columns(database, entity.raw_table if has_raw else names.storage)
     key_types = {k: types[k] for k in entity.unique_key}
-    source = [c for c in types if c not in RAW_META] if has_raw else []
+    source = [c for c in types if c not in META_COLUMNS] if has_raw else []
+    batch_rows = 0
     if has_raw:
+        ensure_check_columns(wh, database, entity, types)
+        batch_rows, stale = _count_incoming(wh, database, entity, batch_id)
+        if stale:
+            rehash(wh, database, entity, batch_id, bucket_rows)
         schema = read_incoming(wh, database, entity, batch_id, source, "0").schema
         ensure_storage(wh, names, entity, schema)
     spec = spec_for(entity, force_deletes)
-    narrow = diff_columns(spec, source)
-    batch_ts = effective_time(wh, names, batch_id)
-    buckets = Buckets.sized(
-        max(
-            _count_incoming(wh, database, entity, batch_id) if has_raw else 0,
-            _count_current(wh, names),
-        ),
-        bucket_rows,
-        entity.unique_key,
+    current_rows = _count_current(wh, names)
+    reads = Reads(
+        wh,
+        names,
+        entity,
+        batch_id,
+        has_raw,
+        reconciled(wh, database, entity, batch_id),
+        has_history=current_rows > 0,
     )
-    with_keys = reconciled(wh, database, entity, batch_id)
-    pending = Pending(wh, names, entity, key_types)
-    rows_in = live_before = retired = 0
+    buckets = Buckets.sized(max(batch_rows, current_rows), bucket_rows, entity.unique_key)
+    batch_ts = effective_time(wh, names, batch_id)
+    pending = Pending(reads, buckets, key_types, batch_ts)
+    rows_in = retired = 0
     try:
         for bucket in range(buckets.count):
             where = buckets.where(bucket)
-            if has_raw:
-                incoming = read_incoming(wh, database, entity, batch_id, narrow, where)
-            else:
-                incoming = _empty_like_storage(wh, names, entity)
+            rows = reads.validate(where) if has_raw else 0
+            incoming = reads.incoming(where)
+            current = reads.current(where)
+            present = None
+            if "_present" in current.column_names:
+                listed = current.column("_present").cast(pa.bool_())
+                present = current.filter(listed).select(list(entity.unique_key))
             d = diff(
                 replace(spec, force_deletes=True),  # the guard counts the whole batch, below
-                read_current(wh, names, entity, batch_id, where),
+                current,
                 incoming,
                 batch_ts,
-                read_present_keys(wh, database, entity, batch_id, where) if with_keys else None,
-                read_ended(wh, names, entity, batch_id, where),
+                present,
+                reads.ended(where) if incoming.num_rows else None,
             )
-            pending.add(bucket, d)
-            rows_in += incoming.num_rows
-            live_before += d.live_before
+            pending.add(bucket, d, rows)
+            rows_in += rows
             retired += d.retired
-        check_delete_guard(spec, retired, live_before)
-        pending.write(entity.raw_table, source, batch_id, bucket_rows)
         touched = sum(pending.opened.values()) + retired
+        live_before = reads.live_count() if touched else 0
+        check_delete_guard(spec, retired, live_before)
+        pending.write(source, bucket_rows)
         if touched:
             few = touched <= FULL_CHECK_SHARE * max(live_before, 1)
-            keys = pending.touched_keys() if few else None
+            keys = render(pending.touched_keys(), reads.params) if few else None
             problems = check_invariants(wh, names, entity, keys, bucket_rows)
             if problems:
                 raise InvariantError("SCD2 invariants broken:\n" + "\n".join(problems))
@@ -593,9 +795,65 @@ def apply_batch(
     )
 
 
-def _count_incoming(wh: Warehouse, database: str, entity: Entity, batch_id: str) -> int:
+def rehash(
+    wh: Warehouse, database: str, entity: Entity, batch_id: str, bucket_rows: int = BUCKET_ROWS
+) -> bool:
+    """Give a batch the change hashes of the entity's current `check_cols`, if it lacks them.
+
+    Loads hash the configured columns; after a `check_cols` change (or for raw rows loaded
+    before hashes were stored) the batch is copied with new hashes, then the old copy goes.
+    The fullest old copy is the source, and a half-written new copy from a crash is dropped
+    first, so a crash anywhere leaves a batch that a rerun completes. Returns whether it ran.
+    """
+    from pipeline.raw import discard_rows, with_check_hash
+
     table = qualified(database, entity.raw_table)
-    return int(wh.scalar(f"SELECT count() FROM {table} WHERE _batch_id = %(b)s", {"b": batch_id}))
+    signature = check_signature(entity)
+    params = {"b": batch_id, "s": signature}
+    copies = dict(
+        wh.query_rows(
+            f"SELECT _check_cols, count() FROM {table} WHERE _batch_id = %(b)s"
+            " GROUP BY _check_cols",
+            params,
+        )
+    )
+    if set(copies) <= {signature}:
+        return False
+    if signature in copies:
+        discard_rows(
+            wh, database, entity.raw_table, "_batch_id = %(b)s AND _check_cols = %(s)s", params
+        )
+        del copies[signature]
+    old = max(copies, key=lambda c: copies[c])
+    columns = [
+        c for c in wh.columns(database, entity.raw_table) if c not in ("_check_hash", "_check_cols")
+    ]
+    buckets = Buckets.sized(copies[old], bucket_rows, entity.unique_key)
+    select = ", ".join(quote_ident(c) for c in columns)
+    for bucket in range(buckets.count):
+        part = wh.query_arrow(
+            f"SELECT {select} FROM {table} WHERE _batch_id = %(b)s AND _check_cols = %(o)s"
+            f" AND {buckets.where(bucket)}",
+            {**params, "o": old},
+        )
+        if part.num_rows:
+            wh.insert_arrow(database, entity.raw_table, with_check_hash(part, entity))
+    discard_rows(
+        wh, database, entity.raw_table, "_batch_id = %(b)s AND _check_cols != %(s)s", params
+    )
+    return True
+
+
+def _count_incoming(
+    wh: Warehouse, database: str, entity: Entity, batch_id: str
+) -> tuple[int, bool]:
+    """The batch's row count, and whether any row lacks hashes of the current `check_cols`."""
+    rows, stale = wh.query_rows(
+        f"SELECT count(), countIf(_check_cols != %(s)s)"
+        f" FROM {qualified(database, entity.raw_table)} WHERE _batch_id = %(b)s",
+        {"b": batch_id, "s": check_signature(entity)},
+    )[0]
+    return int(rows), bool(stale)
 
 
 def _count_current(wh: Warehouse, names: Names) -> int:
@@ -603,10 +861,4 @@ def _count_current(wh: Warehouse, names: Names) -> int:
     return int(wh.scalar(f"SELECT count() FROM {names.q_storage} WHERE _closed_by = ''") or 0)
 
 
-def _empty_like_storage(wh: Warehouse, names: Names, entity: Entity) -> pa.Table:
-    """An empty batch with the key columns (an empty full extract: everything disappeared)."""
-    cols = ", ".join(quote_ident(k) for k in entity.unique_key)
-    return wh.query_arrow(f"SELECT {cols} FROM {names.q_storage} WHERE 0")
-
-
-__all__ = ["TS", "Names", "apply_batch", "batch_time", "check_invariants", "spec_for"]
+__all__ = ["TS", "Names", "apply_batch", "batch_time", "check_invariants", "rehash", "spec_for"]

@@ -12,8 +12,10 @@ from bson import Binary, Decimal128, ObjectId
 from bson.binary import UuidRepresentation
 from luigi.execution_summary import LuigiStatusCode
 
+from pipeline import runtime
 from pipeline.tasks import LoadRaw, new_batch_id
 from tests.conftest import Env
+from tests.load_hashes import hash_mismatches
 
 
 def _load(env: Env, entity: str) -> str:
@@ -69,6 +71,7 @@ def test_every_bson_type_maps_to_its_documented_type(pipeline_env: Env) -> None:
     types = env.wh.columns(env.database, "raw_types")
     assert types["small"] == "Nullable(Int64)" and types["ratio"] == "Nullable(Float64)"
     assert types["price"] == "Nullable(String)"
+    assert hash_mismatches(env.wh, env.database, runtime.settings().entity("types")) == []
 
 
 def test_drift_adds_columns_widens_types_and_loses_nothing(pipeline_env: Env) -> None:
@@ -151,7 +154,6 @@ def test_retention_prunes_staging_and_bounds_raw_growth(pipeline_env: Env) -> No
 
     import pyarrow as pa
 
-    from pipeline import runtime
     from pipeline.staging import staged_batches
 
     env = pipeline_env

@@ -30,6 +30,7 @@ from pipeline.sources import postgres
 from pipeline.sources.postgres import PostgresSourceError
 from pipeline.state import load_watermark
 from pipeline.tasks import LoadRaw, new_batch_id
+from tests.load_hashes import hash_mismatches
 
 CONFIG = """
 [core]
@@ -284,6 +285,7 @@ def test_every_type_round_trips_to_raw_and_full_tables_are_whole_copies(env: Env
     for g, w in zip(got, want, strict=True):
         diff = {c: (g[c], w[c]) for c in TYPED_COLUMNS if not _same(g[c], w[c])}
         assert not diff, (w["region"], w["seq"], diff)
+    assert hash_mismatches(env.wh, env.database, runtime.settings().entity("typed")) == []
 
     env.execute("UPDATE public.typed SET note = 'changed', updated_at = now() WHERE seq = 12")
     env.execute("DELETE FROM public.plain WHERE code = 'y'")

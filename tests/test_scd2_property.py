@@ -23,7 +23,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import Entity
-from pipeline.raw import ensure_raw_table
+from pipeline.raw import ensure_raw_table, with_check_hash
 from pipeline.scd2 import DeleteGuardError
 from pipeline.snapshots import BUCKET_ROWS, Names, apply_batch, check_invariants
 from pipeline.state import FailpointError, ensure_tables, mark_done
@@ -192,12 +192,21 @@ def batch_id(ts: datetime) -> str:
 
 
 def load_raw(
-    wh: Warehouse, database: str, entity: Entity, batch: str, rows: list[dict[str, Any]]
+    wh: Warehouse,
+    database: str,
+    entity: Entity,
+    batch: str,
+    rows: list[dict[str, Any]],
+    hashed: bool = True,
 ) -> None:
+    """Insert an extract into raw; `hashed=False` leaves the change hashes out, like rows loaded
+    before the load stored them, so the snapshot must rehash the batch first."""
     schema = schema_for(entity)
     if not wh.table_exists(database, entity.raw_table):
         ensure_raw_table(wh, database, entity, schema)
     table = pa.Table.from_pylist(rows, schema=schema)
+    if hashed:
+        table = with_check_hash(table, entity)
     n = table.num_rows
     table = (
         table.append_column("_batch_id", pa.array([batch] * n, pa.string()))
@@ -222,10 +231,11 @@ def run_step(
     crash: bool = False,
     force_deletes: bool = False,
     bucket_rows: int = BUCKET_ROWS,
+    hashed: bool = True,
 ) -> None:
     """Load one extract into raw and snapshot it, like the Load and Snapshot tasks do."""
     batch = batch_id(ts)
-    load_raw(wh, database, entity, batch, rows)
+    load_raw(wh, database, entity, batch, rows, hashed)
     if crash:
         with failpoint("snapshot-after-open"), pytest.raises(FailpointError):
             apply_batch(wh, database, entity, batch, force_deletes, bucket_rows=bucket_rows)
@@ -357,6 +367,7 @@ def test_oracle_timestamp_invalidate_by_hand() -> None:
     incremental=st.sampled_from([False, False, False, True]),
     steps=STEPS,
     bucket_rows=BUCKET_SIZES,
+    hashed=st.booleans(),
 )
 def test_history_matches_oracle(
     wh: Warehouse,
@@ -366,16 +377,18 @@ def test_history_matches_oracle(
     incremental: bool,
     steps: list[Step],
     bucket_rows: int,
+    hashed: bool,
 ) -> None:
     """Every version (key, values, dbt_* columns) equals the oracle's, crashes included.
 
-    Small buckets split each merge into several (the path of tables beyond `merge_bucket_rows`).
+    Small buckets split each merge into several (the path of tables beyond `merge_bucket_rows`);
+    batches without load-time hashes take the rehash path.
     """
     entity = make_entity(config, hard_deletes, composite, incremental=incremental)
     oracle = oracle_for(entity)
     with scratch_database(wh) as database:
         for ts, rows, crash in source_states(entity, steps, time_unit(wh)):
-            run_step(wh, database, entity, ts, rows, crash, bucket_rows=bucket_rows)
+            run_step(wh, database, entity, ts, rows, crash, bucket_rows=bucket_rows, hashed=hashed)
             oracle.apply(rows, ts, full_scan=not incremental)
         for what in oracle.events:
             event(what)
@@ -402,14 +415,17 @@ def test_crash_after_open_then_rerun_equals_crash_free_run(
 ) -> None:
     """Every column of the history (dbt_scd_id too) equals that of a run without crashes.
 
-    The crashed run may also merge in small buckets: bucketing must not change any version.
+    The crashed run may also merge in small buckets, and rehashes every batch: neither may
+    change any version.
     """
     entity = make_entity(config, hard_deletes, composite)
     states = list(source_states(entity, steps, time_unit(wh)))
     with scratch_database(wh) as clean, scratch_database(wh) as crashed:
         for ts, rows, _ in states:
             run_step(wh, database=clean, entity=entity, ts=ts, rows=rows)
-            run_step(wh, crashed, entity, ts, rows, crash=True, bucket_rows=bucket_rows)
+            run_step(
+                wh, crashed, entity, ts, rows, crash=True, bucket_rows=bucket_rows, hashed=False
+            )
         assert check_invariants(wh, Names.of(crashed, entity), entity) == []
         assert view_rows(wh, crashed, entity) == view_rows(wh, clean, entity)
 

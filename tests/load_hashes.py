@@ -15,11 +15,14 @@ from pipeline.hashing import row_hash
 from pipeline.raw import META_COLUMNS
 
 
-def hash_mismatches(wh: Any, database: str, entity: Entity) -> list[dict[str, Any]]:
-    """Rows of the raw table whose stored `_check_hash` differs from a fresh hash of the row."""
+def hash_mismatches(
+    wh: Any, database: str, entity: Entity, batch: str | None = None
+) -> list[dict[str, Any]]:
+    """Rows of raw (of one batch) whose stored `_check_hash` differs from a fresh hash."""
     import pyarrow.compute as pc
 
-    table = wh.query_arrow(f"SELECT * FROM `{database}`.`{entity.raw_table}`")
+    where = "" if batch is None else "WHERE _batch_id = %(b)s"
+    table = wh.query_arrow(f"SELECT * FROM `{database}`.`{entity.raw_table}` {where}", {"b": batch})
     sources = [c for c in table.column_names if c not in META_COLUMNS]
     hashed = sources if entity.check_cols is None else list(entity.check_cols)
     differs = pc.not_equal(row_hash(table, hashed), table.column("_check_hash").combine_chunks())

@@ -175,3 +175,59 @@ def test_reconciliation_retires_rows_deleted_in_postgres(env: Env) -> None:
     )
     assert history == [(0,)]  # closed: the row is gone from the source
     assert env.count("orders_rec_snapshot", "WHERE dbt_valid_to IS NULL") == 119
+
+
+def test_check_cols_change_rehashes_the_batch_even_after_a_crash_in_it(env: Env) -> None:
+    """Hashes stored at load cover the old `check_cols`: the snapshot rehashes the batch first.
+
+    A half-written copy with the new hashes (a crash inside the rehash) is dropped, and the
+    batch ends with exactly one copy, all hashed for the new columns.
+    """
+    from luigi.configuration import get_config
+
+    from pipeline.tasks import LoadRaw
+    from tests.load_hashes import hash_mismatches
+
+    env.add_entity(
+        "people",
+        source="mongo",
+        collection="users",
+        unique_key="_id",
+        strategy="check",
+        check_cols="state, occupation",
+    )
+    assert env.build([Snapshot(entity="people", batch=new_batch_id())]) == LuigiStatusCode.SUCCESS
+    _pause(env)
+    batch = new_batch_id()
+    assert env.build([LoadRaw(entity="people", batch=batch)]) == LuigiStatusCode.SUCCESS
+    get_config().set("entity.people", "check_cols", "state")
+    runtime.reset()
+    raw = f"`{env.database}`.raw_people"
+    columns = list(env.wh.columns(env.database, "raw_people"))
+    crashed = {"_check_cols": "'state'", "_check_hash": "toUInt64(1)"}
+    select = ", ".join(crashed.get(c, f"`{c}`") for c in columns)
+    env.wh.execute(  # what a rehash that crashed after three rows would have left
+        f"INSERT INTO {raw} ({', '.join(f'`{c}`' for c in columns)}) SELECT {select}"
+        f" FROM {raw} WHERE _batch_id = %(b)s LIMIT 3",
+        {"b": batch},
+    )
+    assert env.build([Snapshot(entity="people", batch=batch)]) == LuigiStatusCode.SUCCESS
+    copies = env.rows(
+        f"SELECT _check_cols, count() FROM {raw} WHERE _batch_id = %(b)s GROUP BY _check_cols",
+        {"b": batch},
+    )
+    assert copies == [("state", 80)]
+    assert hash_mismatches(env.wh, env.database, settings().entity("people"), batch) == []
+    # other columns checked, other hashes: every key opened one version (README, Limits)
+    assert env.count("people_snapshot", "WHERE dbt_valid_to IS NULL") == 80
+    assert env.count("people_snapshot") == 160
+
+    first, second = list(env.mongo().find({}, {"_id": 1}).sort("_id", 1).limit(2))
+    env.mongo().update_one({"_id": first["_id"]}, {"$set": {"occupation": "juggler"}})
+    env.mongo().update_one({"_id": second["_id"]}, {"$set": {"state": "ZZ"}})
+    _pause(env)
+    assert env.build([Snapshot(entity="people", batch=new_batch_id())]) == LuigiStatusCode.SUCCESS
+    versions = dict(
+        env.rows("SELECT _id, count() FROM {db}.people_snapshot GROUP BY _id HAVING count() > 2")
+    )
+    assert versions == {str(second["_id"]): 3}  # occupation is no longer checked

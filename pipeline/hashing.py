@@ -92,13 +92,5 @@ def xxh64_column(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pa.array(np.fromiter(digests, dtype=np.uint64, count=len(texts)), pa.uint64())
 
 
-def xxh128_hex_column(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """xxh3-128 of each string as 32 hex digits (the width of dbt's md5 ids)."""
-    import pyarrow as pa
-    import xxhash
-
-    return pa.array(list(map(xxhash.xxh3_128_hexdigest, _as_bytes(texts))), pa.string())
-
-
 def row_hash(table: pa.Table, columns: Sequence[str]) -> pa.Array:
     return xxh64_column(encode_rows(table, columns))

@@ -208,20 +208,11 @@ class Buckets:
         return f"modulo(cityHash64({text}), {self.count}) IN ({_ints(buckets)})"
 
 
-def read_incoming(
-    wh: Warehouse,
-    database: str,
-    entity: Entity,
-    batch_id: str,
-    columns: list[str],
-    where: str = "1",
-) -> pa.Table:
+def raw_schema(wh: Warehouse, database: str, entity: Entity, columns: list[str]) -> pa.Schema:
+    """The Arrow types of raw columns, as the warehouse returns them (no rows are read)."""
     select = ", ".join(quote_ident(c) for c in columns)
-    return wh.query_arrow(
-        f"SELECT {select} FROM {qualified(database, entity.raw_table)}"
-        f" WHERE _batch_id = %(b)s AND {where}",
-        {"b": batch_id},
-    )
+    table = qualified(database, entity.raw_table)
+    return wh.query_arrow(f"SELECT {select} FROM {table} WHERE 0").schema
 
 
 def reconciled(wh: Warehouse, database: str, entity: Entity, batch_id: str) -> bool:
@@ -736,8 +727,7 @@ def apply_batch(
         batch_rows, stale = _count_incoming(wh, database, entity, batch_id)
         if stale:
             rehash(wh, database, entity, batch_id, bucket_rows)
-        schema = read_incoming(wh, database, entity, batch_id, source, "0").schema
-        ensure_storage(wh, names, entity, schema)
+        ensure_storage(wh, names, entity, raw_schema(wh, database, entity, source))
     spec = spec_for(entity, force_deletes)
     current_rows = _count_current(wh, names)
     reads = Reads(

@@ -533,9 +533,9 @@ class Pending:
         version = time.time_ns()
         stored = list(self.wh.columns(self.names.database, self.names.storage))
         columns = [c for c in source if c in stored]
-        whole = [b for b in sorted(self.whole)]
-        if whole:
-            self._open(columns, version, self.buckets.where_any(whole), None)
+        whole = {b: n for b, n in self.opened.items() if b in self.whole}
+        for group in _groups(whole, bucket_rows):  # a statement's memory grows with its rows
+            self._open(columns, version, self.buckets.where_any(group), None)
         partial = {b: n for b, n in self.opened.items() if b not in self.whole}
         for group in _groups(partial, bucket_rows):
             parked = f"FROM {self.q(self.open_table)} WHERE _bucket IN ({_ints(group)})"

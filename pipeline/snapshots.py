@@ -337,11 +337,38 @@ class Reads:
 
         With a reconciliation key list, `_present` says which of them the source still has.
         """
+        sql = self.current_sql(where)
+        if sql is None:
+            cols = ", ".join(self.current_columns)
+            sql = f"SELECT {cols} FROM {self.names.q_storage} WHERE 0"
+        return self.wh.query_arrow(sql, self.params)
+
+    @property
+    def current_columns(self) -> list[str]:
+        """What the diff needs of a current version."""
         cols = [self.keys, "dbt_scd_id", "_hash"]
         if self.entity.strategy == "timestamp":
             cols += ["dbt_updated_at", "dbt_valid_from"]
         if self.entity.hard_deletes == "new_record":
             cols.append("dbt_is_deleted")
+        return cols
+
+    def changes(self) -> int:
+        """How many rows the diff will see (batch or history side, whichever is larger).
+
+        Counted by the warehouse over the whole batch: a no-change batch stops here, and the
+        merge is bucketed by what reaches Python, not by the table's size.
+        """
+        counts = [
+            int(self.wh.scalar(f"SELECT count() FROM ({sql})", self.params) or 0)
+            for sql in (self.changed_sql("1") if self.has_raw else None, self.current_sql("1"))
+            if sql is not None
+        ]
+        return max(counts, default=0)
+
+    def current_sql(self, where: str) -> str | None:
+        """The query `current` runs; None when no current version can matter."""
+        cols = self.current_columns
         present = None
         if self.retires and self.reconciled:
             from pipeline.raw import keys_table
@@ -370,13 +397,8 @@ class Reads:
         elif self.retires:  # no raw table: everything vanished
             wanted.append(self.live if present is None else f"{self.live} AND NOT {present}")
         if not wanted or not self.has_history:
-            return self.wh.query_arrow(
-                f"SELECT {', '.join(cols)} FROM {self.names.q_storage} WHERE 0", self.params
-            )
-        return self.wh.query_arrow(
-            f"SELECT {', '.join(cols)} {self.history(where)} AND ({' OR '.join(wanted)})",
-            self.params,
-        )
+            return None
+        return f"SELECT {', '.join(cols)} {self.history(where)} AND ({' OR '.join(wanted)})"
 
     def ended(self, where: str) -> pa.Table | None:
         """Last `dbt_valid_to` of the changed keys whose history has closed versions.
@@ -492,7 +514,7 @@ class Pending:
             )
         self.created = True
 
-    def add(self, bucket: int, d: Diff, batch_rows: int) -> None:
+    def add(self, bucket: int, d: Diff) -> None:
         import pyarrow as pa
 
         if d.empty:
@@ -500,7 +522,8 @@ class Pending:
         if not self.created:
             self._create()
         keys = list(self.entity.unique_key)
-        whole = not self.timestamped and 0 < d.opened.num_rows == batch_rows
+        # no history yet: every row of the bucket opens a version at the batch time
+        whole = not self.timestamped and not self.reads.has_history
         parked = keys + (["dbt_updated_at", "dbt_valid_from"] if self.timestamped else [])
         closed = d.closed.set_column(
             d.closed.column_names.index("_tombstone"),
@@ -721,11 +744,9 @@ def apply_batch(
     types = wh.columns(database, entity.raw_table if has_raw else names.storage)
     key_types = {k: types[k] for k in entity.unique_key}
     source = [c for c in types if c not in META_COLUMNS] if has_raw else []
-    batch_rows = 0
     if has_raw:
         ensure_check_columns(wh, database, entity, types)
-        batch_rows, stale = _count_incoming(wh, database, entity, batch_id)
-        if stale:
+        if _stale(wh, database, entity, batch_id):
             rehash(wh, database, entity, batch_id, bucket_rows)
         ensure_storage(wh, names, entity, raw_schema(wh, database, entity, source))
     spec = spec_for(entity, force_deletes)
@@ -739,14 +760,15 @@ def apply_batch(
         reconciled(wh, database, entity, batch_id),
         has_history=current_rows > 0,
     )
-    buckets = Buckets.sized(max(batch_rows, current_rows), bucket_rows, entity.unique_key)
+    rows_in = reads.validate("1") if has_raw else 0
+    changes = reads.changes()
+    buckets = Buckets.sized(changes, bucket_rows, entity.unique_key)
     batch_ts = effective_time(wh, names, batch_id)
     pending = Pending(reads, buckets, key_types, batch_ts)
-    rows_in = retired = 0
+    retired = 0
     try:
-        for bucket in range(buckets.count):
+        for bucket in range(buckets.count if changes else 0):
             where = buckets.where(bucket)
-            rows = reads.validate(where) if has_raw else 0
             incoming = reads.incoming(where)
             current = reads.current(where)
             present = None
@@ -761,8 +783,7 @@ def apply_batch(
                 present,
                 reads.ended(where) if incoming.num_rows else None,
             )
-            pending.add(bucket, d, rows)
-            rows_in += rows
+            pending.add(bucket, d)
             retired += d.retired
         touched = sum(pending.opened.values()) + retired
         live_before = reads.live_count() if touched else 0
@@ -834,16 +855,15 @@ def rehash(
     return True
 
 
-def _count_incoming(
-    wh: Warehouse, database: str, entity: Entity, batch_id: str
-) -> tuple[int, bool]:
-    """The batch's row count, and whether any row lacks hashes of the current `check_cols`."""
-    rows, stale = wh.query_rows(
-        f"SELECT count(), countIf(_check_cols != %(s)s)"
-        f" FROM {qualified(database, entity.raw_table)} WHERE _batch_id = %(b)s",
-        {"b": batch_id, "s": check_signature(entity)},
-    )[0]
-    return int(rows), bool(stale)
+def _stale(wh: Warehouse, database: str, entity: Entity, batch_id: str) -> bool:
+    """Whether any row of the batch lacks hashes of the current `check_cols`."""
+    return bool(
+        wh.scalar(
+            f"SELECT count() FROM {qualified(database, entity.raw_table)}"
+            " WHERE _batch_id = %(b)s AND _check_cols != %(s)s",
+            {"b": batch_id, "s": check_signature(entity)},
+        )
+    )
 
 
 def _count_current(wh: Warehouse, names: Names) -> int:

@@ -45,6 +45,8 @@ INTERNAL = ("_hash", "_opened_by", "_closed_by", "_version")
 STAGE = "snapshot"
 # keys per merge bucket: bounds the memory of a merge (`[cdc] merge_bucket_rows`)
 BUCKET_ROWS = 100_000
+# a bucket's warehouse anti-join covers at most this many times `merge_bucket_rows` keys
+SCAN_FACTOR = 10
 
 
 class InvariantError(SnapshotError):
@@ -762,7 +764,9 @@ def apply_batch(
     )
     rows_in = reads.validate("1") if has_raw else 0
     changes = reads.changes()
-    buckets = Buckets.sized(changes, bucket_rows, entity.unique_key)
+    # Python holds a bucket's changes; the warehouse's (key, hash) sets hold its whole table
+    table_rows = max(rows_in, current_rows) // SCAN_FACTOR
+    buckets = Buckets.sized(max(changes, table_rows), bucket_rows, entity.unique_key)
     batch_ts = effective_time(wh, names, batch_id)
     pending = Pending(reads, buckets, key_types, batch_ts)
     retired = 0

@@ -727,8 +727,6 @@ def apply_batch(
     `names` redirects the writes (a rebuild replays history into a side table); the batch-order
     check then is the caller's business.
     """
-    import pyarrow as pa
-
     if names is None:
         names = Names.of(database, entity)
         last = last_done(wh, database, entity.name, STAGE)
@@ -769,26 +767,8 @@ def apply_batch(
     buckets = Buckets.sized(max(changes, table_rows), bucket_rows, entity.unique_key)
     batch_ts = effective_time(wh, names, batch_id)
     pending = Pending(reads, buckets, key_types, batch_ts)
-    retired = 0
     try:
-        for bucket in range(buckets.count if changes else 0):
-            where = buckets.where(bucket)
-            incoming = reads.incoming(where)
-            current = reads.current(where)
-            present = None
-            if "_present" in current.column_names:
-                listed = current.column("_present").cast(pa.bool_())
-                present = current.filter(listed).select(list(entity.unique_key))
-            d = diff(
-                replace(spec, force_deletes=True),  # the guard counts the whole batch, below
-                current,
-                incoming,
-                batch_ts,
-                present,
-                reads.ended(where) if incoming.num_rows else None,
-            )
-            pending.add(bucket, d)
-            retired += d.retired
+        retired = diff_buckets(reads, buckets if changes else None, spec, pending, batch_ts)
         touched = sum(pending.opened.values()) + retired
         live_before = reads.live_count() if touched else 0
         check_delete_guard(spec, retired, live_before)
@@ -808,6 +788,37 @@ def apply_batch(
         versions_opened=opened,
         versions_closed=sum(pending.closed.values()),
     )
+
+
+def diff_buckets(
+    reads: Reads, buckets: Buckets | None, spec: Spec, pending: Pending, batch_ts: datetime
+) -> int:
+    """Diff every bucket and park the result; returns how many live keys the batch retires.
+
+    The delete guard is the caller's, over the whole batch: each bucket sees only a share.
+    """
+    import pyarrow as pa
+
+    retired = 0
+    for bucket in range(buckets.count if buckets is not None else 0):
+        where = buckets.where(bucket)
+        incoming = reads.incoming(where)
+        current = reads.current(where)
+        present = None
+        if "_present" in current.column_names:
+            listed = current.column("_present").cast(pa.bool_())
+            present = current.filter(listed).select(list(spec.unique_key))
+        d = diff(
+            replace(spec, force_deletes=True),
+            current,
+            incoming,
+            batch_ts,
+            present,
+            reads.ended(where) if incoming.num_rows else None,
+        )
+        pending.add(bucket, d)
+        retired += d.retired
+    return retired
 
 
 def rehash(

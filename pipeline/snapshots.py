@@ -196,6 +196,12 @@ class Buckets:
         stays one bucket (each extra bucket re-reads the batch and the current versions)."""
         return cls(max(1, rows // max(bucket_rows, 1)), keys)
 
+    @property
+    def of_key(self) -> str:
+        """The bucket of a row's key, in SQL."""
+        text = ", ".join(f"toString({quote_ident(k)})" for k in self.keys)
+        return f"modulo(cityHash64({text}), {self.count})"
+
     def where(self, bucket: int) -> str:
         """A SQL condition that keeps the keys of `bucket`."""
         if self.count == 1:
@@ -206,8 +212,7 @@ class Buckets:
         """A SQL condition that keeps the keys of any of `buckets`."""
         if self.count == 1 or len(buckets) == self.count:
             return "1"
-        text = ", ".join(f"toString({quote_ident(k)})" for k in self.keys)
-        return f"modulo(cityHash64({text}), {self.count}) IN ({_ints(buckets)})"
+        return f"{self.of_key} IN ({_ints(buckets)})"
 
 
 def raw_schema(wh: Warehouse, database: str, entity: Entity, columns: list[str]) -> pa.Schema:
@@ -302,12 +307,17 @@ class Reads:
             f" (SELECT {self.fingerprint}, _hash {self.history(where)} AND {self.live})"
         )
 
-    def validate(self, where: str) -> int:
-        """Rows of the batch in this bucket; refuses NULL or repeated unique_key values."""
+    @property
+    def digest(self) -> str:
+        """One number for a set of (key, hash) pairs: a sum of their fingerprints."""
+        return f"sum(cityHash64({self.fingerprint}, {{hash}}))"
+
+    def validate(self, where: str) -> tuple[int, int]:
+        """Rows of the batch in this bucket and their digest; refuses NULL or repeated keys."""
         nulls = " OR ".join(f"isNull({quote_ident(k)})" for k in self.entity.unique_key)
-        rows, distinct, null_rows = self.wh.query_rows(
-            f"SELECT count(), uniqExact({self.fingerprint}), countIf({nulls})"
-            f" {self.raw_rows(where)}",
+        rows, distinct, null_rows, digest = self.wh.query_rows(
+            f"SELECT count(), uniqExact({self.fingerprint}), countIf({nulls}),"
+            f" {self.digest.format(hash='_check_hash')} {self.raw_rows(where)}",
             self.params,
         )[0]
         name = self.entity.name
@@ -327,7 +337,38 @@ class Reads:
                     f"{name}: unique_key value(s) appear more than once in batch"
                     f" {self.batch_id}, e.g. {[d[0] if len(d) == 2 else d[:-1] for d in dupes]}"
                 )
-        return int(rows)
+        return int(rows), int(digest or 0)
+
+    def unchanged(self, rows: int, digest: int) -> bool:
+        """Whether a full scan holds exactly the live current (key, hash) pairs.
+
+        Same count and same digest: then nothing opens, closes or retires, and the two
+        anti-joins of `changes` are not needed. Sums of 64-bit fingerprints of different sets
+        agree with odds of 2^-64, those of the change hash itself. Incremental batches hold a
+        window, never the whole history, so they always take the exact path.
+        """
+        if not self.has_raw or not self.has_history or self.entity.incremental:
+            return False
+        count, total = self.wh.query_rows(
+            f"SELECT count(), {self.digest.format(hash='_hash')}"
+            f" {self.history('1')} AND {self.live}",
+            self.params,
+        )[0]
+        return int(count) == rows and int(total or 0) == digest
+
+    @property
+    def opens_everything(self) -> bool:
+        """No current version and the check strategy: every batch row opens at the batch time."""
+        return self.has_raw and not self.has_history and self.entity.strategy == "check"
+
+    def bucket_counts(self, buckets: Buckets, rows: int) -> dict[int, int]:
+        """The batch's rows per bucket."""
+        if buckets.count == 1:
+            return {0: rows}
+        found = self.wh.query_rows(
+            f"SELECT {buckets.of_key} AS b, count() {self.raw_rows('1')} GROUP BY b", self.params
+        )
+        return {int(b): int(n) for b, n in found}
 
     def incoming(self, where: str) -> pa.Table:
         if not self.has_raw:
@@ -516,6 +557,11 @@ class Pending:
             )
         self.created = True
 
+    def open_whole(self, counts: dict[int, int]) -> None:
+        """Every batch row of these buckets opens a version: nothing to diff or park."""
+        self.opened.update(counts)
+        self.whole.update(counts)
+
     def add(self, bucket: int, d: Diff) -> None:
         import pyarrow as pa
 
@@ -523,10 +569,9 @@ class Pending:
             return
         if not self.created:
             self._create()
-        keys = list(self.entity.unique_key)
-        # no history yet: every row of the bucket opens a version at the batch time
-        whole = not self.timestamped and not self.reads.has_history
-        parked = keys + (["dbt_updated_at", "dbt_valid_from"] if self.timestamped else [])
+        parked = list(self.entity.unique_key)
+        if self.timestamped:
+            parked += ["dbt_updated_at", "dbt_valid_from"]
         closed = d.closed.set_column(
             d.closed.column_names.index("_tombstone"),
             "_tombstone",
@@ -538,9 +583,6 @@ class Pending:
         ):
             if data.num_rows:
                 counts[bucket] = data.num_rows
-                if table == self.open_table and whole:
-                    self.whole.add(bucket)
-                    continue
                 tagged = data.append_column(
                     "_bucket", pa.repeat(pa.scalar(bucket, pa.uint32()), data.num_rows)
                 )
@@ -649,10 +691,12 @@ class Pending:
 
     def touched_keys(self) -> str:
         """A subquery listing every key this batch opened or closed a version of."""
-        parts = [
-            f"SELECT {self.key_list} FROM {self.q(self.open_table)}",
-            f"SELECT {self.key_list} FROM {self.q(self.close_table)}",
-        ]
+        parts = []
+        if self.created:
+            parts += [
+                f"SELECT {self.key_list} FROM {self.q(self.open_table)}",
+                f"SELECT {self.key_list} FROM {self.q(self.close_table)}",
+            ]
         if self.whole:
             where = self.buckets.where_any(sorted(self.whole))
             parts.append(f"SELECT {self.key_list} {self.reads.raw_rows(where)}")
@@ -750,7 +794,7 @@ def apply_batch(
             rehash(wh, database, entity, batch_id, bucket_rows)
         ensure_storage(wh, names, entity, raw_schema(wh, database, entity, source))
     spec = spec_for(entity, force_deletes)
-    current_rows = _count_current(wh, names)
+    stored_rows, current_rows = _count_versions(wh, names)
     reads = Reads(
         wh,
         names,
@@ -760,25 +804,36 @@ def apply_batch(
         reconciled(wh, database, entity, batch_id),
         has_history=current_rows > 0,
     )
-    rows_in = reads.validate("1") if has_raw else 0
-    changes = reads.changes()
+    rows_in, digest = reads.validate("1") if has_raw else (0, 0)
+    if reads.unchanged(rows_in, digest):
+        return StageResult(rows_in=rows_in)
+    changes = rows_in if reads.opens_everything else reads.changes()
+    if not changes:
+        return StageResult(rows_in=rows_in)
     # Python holds a bucket's changes; the warehouse's (key, hash) sets hold its whole table
     table_rows = max(rows_in, current_rows) // SCAN_FACTOR
     buckets = Buckets.sized(max(changes, table_rows), bucket_rows, entity.unique_key)
     batch_ts = effective_time(wh, names, batch_id)
     pending = Pending(reads, buckets, key_types, batch_ts)
     try:
-        retired = diff_buckets(reads, buckets if changes else None, spec, pending, batch_ts)
+        if reads.opens_everything:
+            pending.open_whole(reads.bucket_counts(buckets, rows_in))
+            retired = 0
+        else:
+            retired = diff_buckets(reads, buckets, spec, pending, batch_ts)
         touched = sum(pending.opened.values()) + retired
         live_before = reads.live_count() if touched else 0
         check_delete_guard(spec, retired, live_before)
         pending.write(source, bucket_rows)
-        if touched:
+        problems: list[str] = []
+        if touched and not stored_rows:
+            problems = first_load_violations(wh, names, entity, touched)
+        elif touched:
             few = touched <= FULL_CHECK_SHARE * max(live_before, 1)
             keys = render(pending.touched_keys(), reads.params) if few else None
             problems = check_invariants(wh, names, entity, keys, bucket_rows)
-            if problems:
-                raise InvariantError("SCD2 invariants broken:\n" + "\n".join(problems))
+        if problems:
+            raise InvariantError("SCD2 invariants broken:\n" + "\n".join(problems))
     finally:
         pending.drop()
     opened = sum(pending.opened.values()) + sum(pending.tombstones.values())
@@ -790,8 +845,26 @@ def apply_batch(
     )
 
 
+def first_load_violations(wh: Warehouse, names: Names, entity: Entity, rows: int) -> list[str]:
+    """Invariants of a history this batch started: `rows` keys, one current version each.
+
+    Single versions have no windows to overlap, so one aggregate proves what reading every
+    version back would; only a failure reads them, to name the keys.
+    """
+    keys = ", ".join(quote_ident(k) for k in entity.unique_key)
+    count, distinct, current = wh.query_rows(
+        f"SELECT count(), uniqExact({keys}), countIf(isNull(dbt_valid_to))"
+        f" FROM {names.q_storage} FINAL"
+    )[0]
+    if count == distinct == current == rows:
+        return []
+    found = f"{count} version(s) of {distinct} key(s), {current} current"
+    problems = check_invariants(wh, names, entity)
+    return problems or [f"{entity.name}: a first load of {rows} keys left {found}"]
+
+
 def diff_buckets(
-    reads: Reads, buckets: Buckets | None, spec: Spec, pending: Pending, batch_ts: datetime
+    reads: Reads, buckets: Buckets, spec: Spec, pending: Pending, batch_ts: datetime
 ) -> int:
     """Diff every bucket and park the result; returns how many live keys the batch retires.
 
@@ -800,7 +873,7 @@ def diff_buckets(
     import pyarrow as pa
 
     retired = 0
-    for bucket in range(buckets.count if buckets is not None else 0):
+    for bucket in range(buckets.count):
         where = buckets.where(bucket)
         incoming = reads.incoming(where)
         current = reads.current(where)
@@ -881,9 +954,12 @@ def _stale(wh: Warehouse, database: str, entity: Entity, batch_id: str) -> bool:
     )
 
 
-def _count_current(wh: Warehouse, names: Names) -> int:
-    """Versions not known to be closed: at least the current ones (sizes the buckets)."""
-    return int(wh.scalar(f"SELECT count() FROM {names.q_storage} WHERE _closed_by = ''") or 0)
+def _count_versions(wh: Warehouse, names: Names) -> tuple[int, int]:
+    """All stored versions, and those not known to be closed (at least the current ones)."""
+    stored, current = wh.query_rows(
+        f"SELECT count(), countIf(_closed_by = '') FROM {names.q_storage}"
+    )[0]
+    return int(stored), int(current or 0)
 
 
 __all__ = ["TS", "Names", "apply_batch", "batch_time", "check_invariants", "rehash", "spec_for"]

@@ -11,7 +11,7 @@ from pipeline import runtime
 from pipeline.config import settings
 from pipeline.scd2 import SnapshotError
 from pipeline.snapshot_maintenance import adopt, rebuild
-from pipeline.snapshots import apply_batch
+from pipeline.snapshots import Names, apply_batch, first_load_violations
 from pipeline.tasks import Snapshot, new_batch_id
 from setup.simulate_cdc import simulate
 from tests.conftest import Env
@@ -231,3 +231,27 @@ def test_check_cols_change_rehashes_the_batch_even_after_a_crash_in_it(env: Env)
         env.rows("SELECT _id, count() FROM {db}.people_snapshot GROUP BY _id HAVING count() > 2")
     )
     assert versions == {str(second["_id"]): 3}  # occupation is no longer checked
+
+
+def test_first_load_check_names_a_key_with_two_current_versions(env: Env) -> None:
+    """A first load's invariants are one aggregate; a broken one still names the key."""
+    assert env.build([Snapshot(entity="users", batch=new_batch_id())]) == LuigiStatusCode.SUCCESS
+    entity = settings().entity("users")
+    names = Names.of(env.database, entity)
+    assert first_load_violations(env.wh, names, entity, 80) == []
+    assert first_load_violations(env.wh, names, entity, 81) == [
+        "users: a first load of 81 keys left 80 version(s) of 80 key(s), 80 current"
+    ]
+    columns = list(env.wh.columns(env.database, names.storage))
+    later = {"dbt_valid_from": "addSeconds(dbt_valid_from, 1)"}
+    select = ", ".join(later.get(c, f"`{c}`") for c in columns)
+    key = env.rows("SELECT min(_id) FROM {db}.users_snapshot")[0][0]
+    env.wh.execute(  # a second current version of one key, as a broken merge could leave
+        f"INSERT INTO {names.q_storage} ({', '.join(f'`{c}`' for c in columns)})"
+        f" SELECT {select} FROM {names.q_storage} WHERE _id = %(k)s",
+        {"k": key},
+    )
+    assert first_load_violations(env.wh, names, entity, 80) == [
+        f"users: key {key!r}: validity windows overlap",
+        f"users: key {key!r}: more than one current version",
+    ]

@@ -199,8 +199,7 @@ class Buckets:
     @property
     def of_key(self) -> str:
         """The bucket of a row's key, in SQL."""
-        text = ", ".join(f"toString({quote_ident(k)})" for k in self.keys)
-        return f"modulo(cityHash64({text}), {self.count})"
+        return f"modulo({key_fingerprint(self.keys)}, {self.count})"
 
     def where(self, bucket: int) -> str:
         """A SQL condition that keeps the keys of `bucket`."""
@@ -234,6 +233,12 @@ def reconciled(wh: Warehouse, database: str, entity: Entity, batch_id: str) -> b
         {"b": batch_id},
     )
     return bool(count)
+
+
+def key_fingerprint(keys: tuple[str, ...]) -> str:
+    """The key as one number, in SQL; text first, so a widened key type keeps its fingerprint."""
+    text = ", ".join(f"toString({quote_ident(k)})" for k in keys)
+    return f"cityHash64({text})"
 
 
 CURRENT = "_opened_by < %(b)s AND (_closed_by = '' OR _closed_by >= %(b)s)"
@@ -270,9 +275,7 @@ class Reads:
 
     @property
     def fingerprint(self) -> str:
-        """The key as one number; text first, so a widened key type keeps its fingerprint."""
-        text = ", ".join(f"toString({quote_ident(k)})" for k in self.entity.unique_key)
-        return f"cityHash64({text})"
+        return key_fingerprint(self.entity.unique_key)
 
     @property
     def live(self) -> str:
@@ -848,19 +851,23 @@ def apply_batch(
 def first_load_violations(wh: Warehouse, names: Names, entity: Entity, rows: int) -> list[str]:
     """Invariants of a history this batch started: `rows` keys, one current version each.
 
-    Single versions have no windows to overlap, so one aggregate proves what reading every
-    version back would; only a failure reads them, to name the keys.
+    Single versions have no windows to overlap, so one aggregate over the stored rows proves
+    what reading every version back would. Only a mismatch reads them, to name the keys (or
+    to clear a fingerprint clash, which can only lower the distinct count).
     """
-    keys = ", ".join(quote_ident(k) for k in entity.unique_key)
     count, distinct, current = wh.query_rows(
-        f"SELECT count(), uniqExact({keys}), countIf(isNull(dbt_valid_to))"
-        f" FROM {names.q_storage} FINAL"
+        f"SELECT count(), uniqExact({key_fingerprint(entity.unique_key)}),"
+        f" countIf(isNull(dbt_valid_to)) FROM {names.q_storage}"
     )[0]
     if count == distinct == current == rows:
         return []
-    found = f"{count} version(s) of {distinct} key(s), {current} current"
     problems = check_invariants(wh, names, entity)
-    return problems or [f"{entity.name}: a first load of {rows} keys left {found}"]
+    if problems or count == current == rows:
+        return problems
+    return [
+        f"{entity.name}: a first load of {rows} keys left {count} version(s) of {distinct}"
+        f" key(s), {current} current"
+    ]
 
 
 def diff_buckets(

@@ -244,6 +244,22 @@ def summarise(samples: dict[str, list[Sample]], args: argparse.Namespace) -> dic
                 1.5,
             )
         )
+
+        def read(name: str, entity: str) -> Series:
+            return [s.extra.get("entities", {}).get(entity, {}).get("read_s") for s in get(name)]
+
+        for name, entity, what, floor_inside, flabel in (
+            ("users_initial", "users", "users initial", mfloor_inside, f"Mongo {milabel}"),
+            ("orders_initial", "orders", "orders initial", afloor_inside, f"PG all {ailabel}"),
+            ("orders_incr1", "orders", "orders 1%", wfloor_inside, f"PG window {wilabel}"),
+        ):
+            checks.append(
+                _check(
+                    f"{what}: source read in the extract stage / floor inside ({flabel})",
+                    _ratio(read(f"ours/{name}", entity), floor_inside),
+                    1.5,
+                )
+            )
         if _scale_rows(scale) >= 1_000_000:
             peak = max(
                 (s.rss_mb for k in OURS for s in get(f"ours/{k}") if k.startswith("users")),

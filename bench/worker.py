@@ -89,6 +89,7 @@ def _written(entity: str, batch: str) -> dict[str, Any]:
     return {
         "extracted": extract.result.rows_in if extract.result else None,
         "window": extract.window,
+        "read_s": extract.read_seconds,
         "raw_rows_written": _count(
             wh,
             f"SELECT count() FROM {qualified(cfg.database, ent.raw_table)} WHERE _batch_id = {b}",

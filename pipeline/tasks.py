@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -100,6 +101,8 @@ def _mongo_scan(entity: Any, lower: Any = None, upper: Any = None) -> Iterator[p
 class Extract(EntityTask):
     """Source -> Parquet parts + manifest in staging (MongoDB: optionally by `_id` ranges)."""
 
+    read_seconds: float | None = None  # of the run, spent in the source (not in staging)
+
     def requires(self) -> list[luigi.Task]:
         entity = settings().entity(self.entity)
         if entity.source == "mongo" and entity.partitions > 1:
@@ -130,10 +133,14 @@ class Extract(EntityTask):
             write_batch(store(), manifest, self._counted(batches), cfg.part_rows)
         self.result = StageResult(rows_in=manifest.rows, rows_out=manifest.rows)
         self.window = manifest.window or None
-        self.report(f"extracted {manifest.rows} rows in {len(manifest.parts)} part(s)", 100)
+        done = f"extracted {manifest.rows} rows in {len(manifest.parts)} part(s)"
+        if self.read_seconds is not None:
+            done += f", {self.read_seconds:.2f} s of it reading the source"
+        self.report(done, 100)
 
     def _read(self, entity: Any, manifest: Manifest) -> Iterator[pa.RecordBatch]:
         cfg = settings()
+        self.read_seconds = 0.0
         if entity.source == "mongo":
             return _mongo_scan(entity)
         from pipeline.sources import postgres
@@ -143,6 +150,7 @@ class Extract(EntityTask):
         if entity.incremental:
             ensure_tables(warehouse(), cfg.database)
             watermark = load_watermark(warehouse(), cfg.database, entity.name)
+        started = time.perf_counter()  # the watermark above is the warehouse's time
         window, batches = postgres.read(
             cfg.postgres_dsn,
             entity.object_name,
@@ -151,6 +159,7 @@ class Extract(EntityTask):
             timedelta(minutes=cfg.lookback_minutes),
             cfg.batch_rows,
         )
+        self.read_seconds = time.perf_counter() - started
         if window is not None:
             manifest.window = {
                 "lower": window.lower.isoformat() if window.lower else None,
@@ -174,8 +183,15 @@ class Extract(EntityTask):
         return keys.rows
 
     def _counted(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        """Count the rows as they pass, and time the source apart from the staging write."""
         rows = 0
-        for batch in batches:
+        source = iter(batches)
+        while True:
+            started = time.perf_counter()
+            batch = next(source, None)
+            self.read_seconds = (self.read_seconds or 0.0) + time.perf_counter() - started
+            if batch is None:
+                return
             rows += batch.num_rows
             self.report(f"{rows} rows read")
             yield batch

@@ -310,17 +310,16 @@ class Reads:
             f" (SELECT {self.fingerprint}, _hash {self.history(where)} AND {self.live})"
         )
 
-    @property
-    def digest(self) -> str:
+    def digest(self, hash_column: str) -> str:
         """One number for a set of (key, hash) pairs: a sum of their fingerprints."""
-        return f"sum(cityHash64({self.fingerprint}, {{hash}}))"
+        return f"sum(cityHash64({self.fingerprint}, {hash_column}))"
 
     def validate(self, where: str) -> tuple[int, int]:
         """Rows of the batch in this bucket and their digest; refuses NULL or repeated keys."""
         nulls = " OR ".join(f"isNull({quote_ident(k)})" for k in self.entity.unique_key)
         rows, distinct, null_rows, digest = self.wh.query_rows(
             f"SELECT count(), uniqExact({self.fingerprint}), countIf({nulls}),"
-            f" {self.digest.format(hash='_check_hash')} {self.raw_rows(where)}",
+            f" {self.digest('_check_hash')} {self.raw_rows(where)}",
             self.params,
         )[0]
         name = self.entity.name
@@ -353,8 +352,7 @@ class Reads:
         if not self.has_raw or not self.has_history or self.entity.incremental:
             return False
         count, total = self.wh.query_rows(
-            f"SELECT count(), {self.digest.format(hash='_hash')}"
-            f" {self.history('1')} AND {self.live}",
+            f"SELECT count(), {self.digest('_hash')} {self.history('1')} AND {self.live}",
             self.params,
         )[0]
         return int(count) == rows and int(total or 0) == digest

@@ -78,16 +78,25 @@ def mongo_pymongoarrow(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parquet_s3(args: argparse.Namespace) -> dict[str, Any]:
-    """Read (untimed), then time Arrow -> Parquet (zstd) -> S3 and S3 -> Parquet -> Arrow."""
+    """The MongoDB collection read (untimed), then its staging write and read back, timed."""
+    return _staging_write(args, _pylist_table(args), args.collection)
+
+
+def pg_parquet_s3(args: argparse.Namespace) -> dict[str, Any]:
+    """The PostgreSQL window read by COPY (untimed), then its staging write, timed."""
+    return _staging_write(args, _copy_table(args), args.table)
+
+
+def _staging_write(args: argparse.Namespace, table: Any, name: str) -> dict[str, Any]:
+    """Time Arrow -> Parquet (zstd) -> S3 (`inside`), then S3 -> Parquet -> Arrow (`read_s`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from minio import Minio
 
-    table = _pylist_table(args)
     client = Minio(
         args.s3_endpoint, access_key=args.s3_key, secret_key=args.s3_secret, secure=False
     )
-    key = f"{args.s3_prefix}floor/{args.collection}.parquet"
+    key = f"{args.s3_prefix}floor/{name}.parquet"
     begin = time.perf_counter()
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
@@ -151,6 +160,11 @@ def pg_cursor(args: argparse.Namespace) -> dict[str, Any]:
 
 def pg_copy(args: argparse.Namespace) -> dict[str, Any]:
     """`COPY (SELECT ...) TO STDOUT` as CSV, parsed by Arrow's multithreaded CSV reader."""
+    table = _copy_table(args)
+    return {"rows": table.num_rows, "extra": {"schema": str(table.schema).replace("\n", "; ")}}
+
+
+def _copy_table(args: argparse.Namespace) -> Any:
     import psycopg2
     import pyarrow as pa
     import pyarrow.csv as csv
@@ -172,7 +186,7 @@ def pg_copy(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         conn.close()
     buffer.seek(0)
-    table = csv.read_csv(
+    return csv.read_csv(
         buffer,
         read_options=csv.ReadOptions(column_names=names),
         convert_options=csv.ConvertOptions(
@@ -181,7 +195,6 @@ def pg_copy(args: argparse.Namespace) -> dict[str, Any]:
             strings_can_be_null=True,
         ),
     )
-    return {"rows": table.num_rows, "extra": {"schema": str(table.schema).replace("\n", "; ")}}
 
 
 def pg_adbc(args: argparse.Namespace) -> dict[str, Any]:
@@ -199,6 +212,7 @@ METHODS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "mongo_pylist": mongo_pylist,
     "mongo_pymongoarrow": mongo_pymongoarrow,
     "parquet_s3": parquet_s3,
+    "pg_parquet_s3": pg_parquet_s3,
     "pg_cursor": pg_cursor,
     "pg_copy": pg_copy,
     "pg_adbc": pg_adbc,
@@ -209,6 +223,7 @@ IMPORTS = {
     "mongo_pylist": ("pymongo", "pyarrow"),
     "mongo_pymongoarrow": ("pymongo", "pyarrow"),
     "parquet_s3": ("pymongo", "pyarrow", "pyarrow.parquet", "minio"),
+    "pg_parquet_s3": ("psycopg2", "pyarrow", "pyarrow.csv", "pyarrow.parquet", "minio"),
     "pg_cursor": ("psycopg2", "pyarrow"),
     "pg_copy": ("psycopg2", "pyarrow", "pyarrow.csv"),
     "pg_adbc": ("adbc_driver_postgresql.dbapi", "pyarrow"),

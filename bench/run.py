@@ -363,7 +363,7 @@ def _window_floors(bench: Bench, prefix: str, ours: Sample) -> None:
     options = ["--upper", window["upper"]]
     if window.get("lower"):
         options += ["--lower", window["lower"]]
-    for method in ("pg_cursor", "pg_copy", "pg_adbc"):
+    for method in ("pg_cursor", "pg_copy", "pg_adbc", "pg_parquet_s3"):
         bench.attempt(f"{prefix}/{method}", bench.floor, method, *options)
 
 

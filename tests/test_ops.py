@@ -19,6 +19,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -57,6 +58,17 @@ class Deployment:
     def env(self, **extra: str) -> dict[str, str]:
         base = {k: v for k, v in os.environ.items() if k not in FOREIGN}
         return {**base, **self.values, "CDC_VENV": sys.prefix, **extra}
+
+    @contextmanager
+    def in_this_process(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+        """Point this process's settings, warehouse and store at the deployment, then back."""
+        for key, value in self.values.items():
+            monkeypatch.setenv(key, value)
+        runtime.reset()
+        try:
+            yield
+        finally:
+            runtime.reset()
 
     def start_cdc_run(self, *args: str, **extra: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
@@ -306,10 +318,7 @@ def test_interrupted_task_is_audited_as_failure(
 ) -> None:
     """A task cut off by the time limit fires no Luigi event; the wrapper's child records it."""
     d = deploy(server_url)
-    for key, value in d.values.items():
-        monkeypatch.setenv(key, value)
-    runtime.reset()
-    try:
+    with d.in_this_process(monkeypatch):
         task = Snapshot(entity="users", batch=new_batch_id())
         task.trigger_event(luigi.Event.START, task)
         (record,) = audit.record_interrupted("stopped by SIGTERM (cdc-run's time limit)")
@@ -317,8 +326,6 @@ def test_interrupted_task_is_audited_as_failure(
         assert row["status"] == "FAILURE" and row["stage"] == "snapshot"
         assert row["entity"] == "users" and "time limit" in row["error"]
         assert audit.record_interrupted("again") == []
-    finally:
-        runtime.reset()
 
 
 # --- secrets, luigid, metrics ----------------------------------------------------------------
@@ -512,10 +519,7 @@ def test_report_renders_in_headless_chromium(
     tmp_path: Path,
 ) -> None:
     d = deploy(server_url)
-    for key, value in d.values.items():
-        monkeypatch.setenv(key, value)
-    runtime.reset()
-    try:
+    with d.in_this_process(monkeypatch):
         for seed in range(3):
             if seed:
                 v = d.values
@@ -524,8 +528,6 @@ def test_report_renders_in_headless_chromium(
                 [RunAll(batch=new_batch_id())], local_scheduler=True, detailed_summary=True
             )
             assert built.status == LuigiStatusCode.SUCCESS
-    finally:
-        runtime.reset()
     page = tmp_path / "report.html"
     written = d.cli("report", "--output", str(page))
     assert written.returncode == 0, written.stderr

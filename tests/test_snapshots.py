@@ -27,6 +27,19 @@ def _pause(env: Env) -> None:
         time.sleep(1.05)
 
 
+def _add_people(env: Env, check_cols: str, **options: str) -> None:
+    """A second entity over the users collection (check strategy), configured per test."""
+    env.add_entity(
+        "people",
+        source="mongo",
+        collection="users",
+        unique_key="_id",
+        strategy="check",
+        check_cols=check_cols,
+        **options,
+    )
+
+
 @pytest.fixture
 def env(pipeline_env: Env) -> Env:
     pipeline_env.generate(users=80, products=6, orders=120, seed=3)
@@ -101,13 +114,9 @@ def test_adopt_a_dbt_snapshot_table_in_place(env: Env) -> None:
 
 
 def test_meta_column_names_and_valid_to_current(env: Env) -> None:
-    env.add_entity(
-        "people",
-        source="mongo",
-        collection="users",
-        unique_key="_id",
-        strategy="check",
-        check_cols="state",
+    _add_people(
+        env,
+        "state",
         snapshot_meta_column_names="dbt_valid_from: valid_from, dbt_valid_to: valid_to",
         dbt_valid_to_current="2100-01-01 00:00:00",
     )
@@ -188,14 +197,7 @@ def test_check_cols_change_rehashes_the_batch_even_after_a_crash_in_it(env: Env)
     from pipeline.tasks import LoadRaw
     from tests.load_hashes import hash_mismatches
 
-    env.add_entity(
-        "people",
-        source="mongo",
-        collection="users",
-        unique_key="_id",
-        strategy="check",
-        check_cols="state, occupation",
-    )
+    _add_people(env, "state, occupation")
     assert env.build([Snapshot(entity="people", batch=new_batch_id())]) == LuigiStatusCode.SUCCESS
     _pause(env)
     batch = new_batch_id()

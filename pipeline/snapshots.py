@@ -314,12 +314,12 @@ class Reads:
         """One number for a set of (key, hash) pairs: a sum of their fingerprints."""
         return f"sum(cityHash64({self.fingerprint}, {hash_column}))"
 
-    def validate(self, where: str) -> tuple[int, int]:
-        """Rows of the batch in this bucket and their digest; refuses NULL or repeated keys."""
+    def validate(self) -> tuple[int, int]:
+        """The batch's row count and digest; refuses NULL or repeated unique_key values."""
         nulls = " OR ".join(f"isNull({quote_ident(k)})" for k in self.entity.unique_key)
         rows, distinct, null_rows, digest = self.wh.query_rows(
             f"SELECT count(), uniqExact({self.fingerprint}), countIf({nulls}),"
-            f" {self.digest('_check_hash')} {self.raw_rows(where)}",
+            f" {self.digest('_check_hash')} {self.raw_rows('1')}",
             self.params,
         )[0]
         name = self.entity.name
@@ -330,7 +330,7 @@ class Reads:
             )
         if (distinct or 0) != rows:  # 18.16: NULL over no rows; fingerprints may clash
             dupes = self.wh.query_rows(
-                f"SELECT {self.keys}, count() {self.raw_rows(where)} GROUP BY {self.keys}"
+                f"SELECT {self.keys}, count() {self.raw_rows('1')} GROUP BY {self.keys}"
                 " HAVING count() > 1 LIMIT 5",
                 self.params,
             )
@@ -805,7 +805,7 @@ def apply_batch(
         reconciled(wh, database, entity, batch_id),
         has_history=current_rows > 0,
     )
-    rows_in, digest = reads.validate("1") if has_raw else (0, 0)
+    rows_in, digest = reads.validate() if has_raw else (0, 0)
     if reads.unchanged(rows_in, digest):
         return StageResult(rows_in=rows_in)
     changes = rows_in if reads.opens_everything else reads.changes()

@@ -47,7 +47,9 @@ STAGES = {
 SECRET_VARS = ("CDC_S3_SECRET_KEY", "CDC_ALERT_WEBHOOK")
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN", re.IGNORECASE)
 URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/@\s]*:)(?P<password>[^@\s/]+)@")
-PAIR_PASSWORD = re.compile(r"(?P<head>\b(?:password|passwd|pwd)\s*[=:]\s*)(?P<value>'[^']*'|\S+)")
+PAIR_PASSWORD = re.compile(
+    r"(?P<head>\b(?:ssl)?(?:password|passwd|pwd)\s*[=:]\s*)(?P<value>'(?:[^'\\]|\\.)*'|[^\s&]+)"
+)
 SHORTEST_SECRET = 4  # shorter values are masked only where they sit in a URL or a pair
 
 # task_id -> (task, wall clock start, monotonic start) for tasks running in this process
@@ -183,6 +185,35 @@ def redact(text: str, secrets: Iterable[str] | None = None) -> str:
             text = text.replace(secret, "***")
     text = URL_PASSWORD.sub(r"\g<head>***@", text)
     return PAIR_PASSWORD.sub(r"\g<head>***", text)
+
+
+class RedactingFilter(logging.Filter):
+    """Mask secrets in every record of a logger, traceback included (luigi's worker logs the
+    exception of a failed task, whatever its message holds, before `on_failure` runs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        record.msg, record.args = redact(record.getMessage()), ()
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+# loggers whose lines can quote an error: Luigi's worker and scheduler, and ours
+REDACTED_LOGGERS = ("luigi-interface", "luigi", "luigi.scheduler", "pipeline")
+
+
+def redact_loggers() -> None:
+    """Install the redacting filter once on each logger that can quote an error."""
+    for name in REDACTED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+            logger.addFilter(RedactingFilter())
+
+
+redact_loggers()
 
 
 def describe_error(error: BaseException | str) -> str:

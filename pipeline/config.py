@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -178,6 +180,14 @@ def _parse_entity(
         raise ConfigError(f"{where}: reconcile applies to incremental postgres tables only")
     if reconcile and hard_deletes == "ignore":
         raise ConfigError(f"{where}: reconcile needs hard_deletes = invalidate or new_record")
+    fields = _split(options["fields"]) if options.get("fields") else None
+    flatten = _split(options.get("flatten", ""))
+    if source != "mongo" and (fields is not None or flatten or "partitions" in options):
+        raise ConfigError(f"{where}: fields, flatten and partitions apply to mongo sources only")
+    valid_to_current = options.get("dbt_valid_to_current") or None
+    if valid_to_current is not None:
+        at = timestamp_setting(valid_to_current, f"{where} dbt_valid_to_current")
+        valid_to_current = at.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
     return Entity(
         name=name,
         source=source,
@@ -189,11 +199,11 @@ def _parse_entity(
         hard_deletes=hard_deletes,
         mode=mode,
         delete_guard=float(options.get("delete_guard", delete_guard)),
-        fields=_split(options["fields"]) if options.get("fields") else None,
-        flatten=_split(options.get("flatten", "")),
+        fields=fields,
+        flatten=flatten,
         partitions=_positive_int(options.get("partitions", "1"), f"{where} partitions"),
         meta_names=_meta_names(options.get("snapshot_meta_column_names", ""), where),
-        valid_to_current=options.get("dbt_valid_to_current") or None,
+        valid_to_current=valid_to_current,
         reconcile=reconcile,
         raw_retention_days=float(options.get("raw_retention_days", raw_retention)),
     )
@@ -216,6 +226,47 @@ def _meta_names(value: str, where: str) -> tuple[tuple[str, str], ...]:
 
 def _split_pairs(value: str) -> list[str]:
     return [item for item in (p.strip() for p in value.split(",")) if item]
+
+
+def timestamp_setting(value: str, what: str) -> datetime:
+    """A UTC timestamp written as ISO text (`9999-12-31` or `2100-01-01 00:00:00`)."""
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError as exc:
+        raise ConfigError(
+            f"{what} must be a timestamp like 2100-01-01 00:00:00, got {value!r}"
+        ) from exc
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def unknown_columns(entity: Entity, columns: Collection[str]) -> list[tuple[str, str]]:
+    """(setting, name) for every column an entity's settings name that `columns` lacks."""
+    named: list[tuple[str, str]] = [("unique_key", k) for k in entity.unique_key]
+    named += [("check_cols", c) for c in entity.check_cols or ()]
+    if entity.updated_at:
+        named.append(("updated_at", entity.updated_at))
+    named += [("fields", f) for f in entity.fields or ()]
+    named += [("flatten", p) for p in entity.flatten]
+    present = set(columns)
+    return [
+        (setting, name)
+        for setting, name in named
+        if (name.replace(".", "__") if setting == "flatten" else name) not in present
+    ]
+
+
+def check_columns(entity: Entity, columns: Collection[str], source: str) -> None:
+    """Refuse settings that name columns the source does not have, before anything is written:
+    a `check_cols` typo would otherwise open a version for every key, silently."""
+    unknown = unknown_columns(entity, columns)
+    if not unknown:
+        return
+    settings_named = ", ".join(f"{setting} = {name!r}" for setting, name in unknown)
+    known = ", ".join(sorted(columns)[:40]) + (", ..." if len(columns) > 40 else "")
+    raise ConfigError(
+        f"[{ENTITY_PREFIX}{entity.name}]: {settings_named}: no such column in {source}"
+        f" (it has: {known})"
+    )
 
 
 def _positive_int(value: str, what: str) -> int:
@@ -282,10 +333,28 @@ def settings() -> Settings:
     return load_settings()
 
 
+# libpq keywords whose values are secrets (https://www.postgresql.org/docs/15/libpq-connect.html)
+DSN_SECRET_KEYS = ("password", "sslpassword")
+_DSN_PAIR = re.compile(
+    r"(?P<head>\b(?:" + "|".join(DSN_SECRET_KEYS) + r")\s*=\s*)"
+    r"(?P<value>'(?:[^'\\]|\\.)*'|[^\s&]+)"
+)
+
+
 def mask_url(url: str) -> str:
-    """Hide the password of a URL/DSN so it can be logged."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    """A URL or libpq DSN with its secrets replaced by ***, so it can be logged or shown.
+
+    Covers `scheme://user:password@host`, `?password=...` query parameters and key=value
+    DSNs (`host=... password=... sslpassword='...'`). A DSN that names a service file has its
+    secrets in that file, which is never read here.
+    """
+    masked = _DSN_PAIR.sub(r"\g<head>***", url)
+    try:
+        parts = urlsplit(masked)
+        password = parts.password
+    except ValueError:
+        return masked
+    if password is None:
+        return masked
+    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))

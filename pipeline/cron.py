@@ -18,7 +18,8 @@ its own process group, its output redacted into the log; at --max-runtime send i
 The child resumes the newest unfinished batch before it starts a new one: batches must reach
 the snapshots in order (a later batch's watermark would skip the failed batch's changes), so a
 batch that keeps failing blocks new ones until it is fixed, and alerts each time. A batch is
-finished when RunAll's markers exist, whichever worker ran its tasks.
+finished when RunAll's markers exist, whichever worker ran its tasks. `cdc-run --batch ID` runs
+that batch alone (a resume by hand, with the same lock, log and time limit) and no new one.
 
 `cdc-run --assistant --scheduler-url URL` is the scale-out side: a long-running Luigi worker on
 another machine that takes pending tasks of any batch from the shared luigid.
@@ -77,6 +78,18 @@ def default_run_dir() -> Path:
             return Path(os.environ[var].split(":")[0])
     state_home = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
     return Path(state_home) / "cdc-pipeline"
+
+
+def batch_id_problem(batch: str) -> str | None:
+    """Why `batch` is not a batch id RunAll accepts, or None."""
+    from pipeline.scd2 import SnapshotError
+    from pipeline.snapshots import batch_time
+
+    try:
+        batch_time(batch)
+    except SnapshotError as exc:
+        return str(exc)
+    return None
 
 
 def unfinished_batch(wh: Warehouse, database: str) -> str | None:
@@ -141,10 +154,14 @@ def _build(batch: str, scheduler_url: str | None) -> bool:
         time.sleep(WAIT_S)
 
 
-def _batches(scheduler_url: str | None) -> int:
+def _batches(scheduler_url: str | None, batch: str | None = None) -> int:
+    """The given batch alone, or: the unfinished batch (if any), then a new one."""
     from pipeline.runtime import settings, warehouse
     from pipeline.tasks import new_batch_id
 
+    if batch is not None:
+        log.info("running batch %s", batch)
+        return EXIT_OK if _build(batch, scheduler_url) else EXIT_FAILED
     pending = unfinished_batch(warehouse(), settings().database)
     if pending is not None:
         log.info("resuming unfinished batch %s", pending)
@@ -177,14 +194,14 @@ def _record_stop(stop: RunStopped) -> None:
         alerts.send(record.batch_id, record.task_id, record.error)
 
 
-def run_once(scheduler_url: str | None = None) -> int:
+def run_once(scheduler_url: str | None = None, batch: str | None = None) -> int:
     """What the wrapper's child runs: no lock, no time limit of its own."""
     from pipeline import alerts, audit
 
     _stop_on_sigterm()
     _log_to_stderr()
     try:
-        return _batches(scheduler_url)
+        return _batches(scheduler_url, batch)
     except RunStopped as stop:
         _record_stop(stop)
         return EXIT_TIMEOUT
@@ -331,6 +348,8 @@ def _child_command(args: argparse.Namespace) -> list[str]:
     command = [sys.executable, "-m", "pipeline.cron", "--once"]
     if args.scheduler_url:
         command += ["--scheduler-url", args.scheduler_url]
+    if args.batch:
+        command += ["--batch", args.batch]
     return command
 
 
@@ -393,6 +412,11 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("LUIGID_URL") or None,
         help="luigid to report to (default: $LUIGID_URL, else Luigi's local scheduler)",
     )
+    parser.add_argument(
+        "--batch",
+        metavar="ID",
+        help="run (resume) this batch only, e.g. a failed one named by `status`; no new batch",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--once",
@@ -412,8 +436,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.keep_logs < 1 or args.max_runtime <= 0:
         print("cdc-run: --keep-logs and --max-runtime must be positive", file=sys.stderr)
         return EXIT_CONFIG
+    if args.batch is not None:
+        problem = batch_id_problem(args.batch)
+        if problem:
+            print(f"cdc-run: --batch: {problem}", file=sys.stderr)
+            return EXIT_CONFIG
     if args.once:
-        return run_once(args.scheduler_url)
+        return run_once(args.scheduler_url, args.batch)
     if args.assistant:
         if not args.scheduler_url:
             print("cdc-run: --assistant needs --scheduler-url (or LUIGID_URL)", file=sys.stderr)

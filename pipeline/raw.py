@@ -16,6 +16,7 @@ from pipeline.config import Entity
 from pipeline.hashing import encode_key, row_hash
 from pipeline.state import StageResult, failpoint
 from pipeline.warehouse import Warehouse, arrow_to_clickhouse, qualified, quote_ident
+from pipeline.warehouse.base import RAW_META_COLUMNS
 from pipeline.warehouse.server import arrow_type
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
     from pipeline.staging import Manifest, Store
 
-META_COLUMNS = ("_batch_id", "_loaded_at", "_row_hash", "_check_hash", "_check_cols")
+META_COLUMNS = RAW_META_COLUMNS
 # the hash columns a raw table created before they existed gains (old rows: 0 and '')
 CHECK_META = {"_check_hash": "UInt64", "_check_cols": "String"}
 
@@ -57,9 +58,8 @@ def ensure_check_columns(
     """Give a raw table made before change hashes were stored their columns (rows: 0, '')."""
     for name, ch_type in CHECK_META.items():
         if name not in existing:
-            wh.execute(
-                f"ALTER TABLE {qualified(database, entity.raw_table)} ADD COLUMN `{name}` {ch_type}"
-            )
+            table = qualified(database, entity.raw_table)
+            wh.execute(f"ALTER TABLE {table} ADD COLUMN {quote_ident(name)} {ch_type}")
 
 
 def check_signature(entity: Entity) -> str:
@@ -209,14 +209,26 @@ def discard_rows(
 def already_loaded(
     wh: Warehouse, database: str, entity: Entity, lower: datetime, batch_id: str
 ) -> pa.Array:
-    """Encoded (key, row hash) of rows already loaded inside the lookback zone."""
+    """Encoded (key, row hash) of loaded rows that a re-read may repeat unchanged.
+
+    Inside the lookback zone any earlier copy will do: `updated_at` is hashed, so an equal
+    hash is the same version. Rows without `updated_at` are re-read by every batch; one of
+    those is a repeat only of its key's newest loaded row (it may have changed and changed
+    back, which an older copy would hide).
+    """
     import pyarrow as pa
 
     keys = ", ".join(quote_ident(k) for k in entity.unique_key)
     assert entity.updated_at is not None
+    table = qualified(database, entity.raw_table)
+    ts = quote_ident(entity.updated_at)
     existing = wh.query_arrow(
-        f"SELECT DISTINCT {keys}, _row_hash FROM {qualified(database, entity.raw_table)}"
-        f" WHERE {quote_ident(entity.updated_at)} >= %(lower)s AND _batch_id != %(b)s",
+        f"SELECT DISTINCT {keys}, _row_hash FROM {table}"
+        f" WHERE {ts} >= %(lower)s AND _batch_id != %(b)s"
+        f" UNION ALL SELECT {keys}, argMax(_row_hash, _batch_id) AS _row_hash FROM {table}"
+        f" WHERE _batch_id != %(b)s AND ({keys}) IN"
+        f" (SELECT {keys} FROM {table} WHERE isNull({ts}) AND _batch_id != %(b)s)"
+        f" GROUP BY {keys}",
         {"lower": _to_warehouse_time(lower, wh), "b": batch_id},
     )
     if existing.num_rows == 0:

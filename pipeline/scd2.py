@@ -247,13 +247,16 @@ def _retired(
     return pc.and_(live, pc.invert(pc.is_in(cur_keys, value_set=seen)))
 
 
-def check_delete_guard(spec: Spec, retired: int, live_before: int) -> None:
+def check_delete_guard(spec: Spec, retired: int, live_before: int, batch_id: str = "") -> None:
     """Refuse to retire more than `delete_guard` of the live keys (a truncated extract?)."""
     if retired and retired > spec.delete_guard * live_before and not spec.force_deletes:
+        batch = batch_id or "<batch id>"
         raise DeleteGuardError(
             f"{spec.entity}: this full extract would retire {retired} of {live_before} live keys"
             f" ({retired / live_before:.0%} > delete_guard {spec.delete_guard:.0%}); refusing."
-            " If the source really lost them, rerun the snapshot with --force-deletes."
+            " If the source really lost them, apply the batch with the guard off:"
+            f" luigi --module pipeline Snapshot --entity {spec.entity} --Snapshot-batch {batch}"
+            f" --force-deletes --local-scheduler, then finish the batch: cdc-run --batch {batch}"
         )
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from pipeline.config import Entity
+from pipeline.config import ConfigError, Entity, check_columns
 from pipeline.raw import META_COLUMNS, check_signature, ensure_check_columns
 from pipeline.scd2 import (
     TS,
@@ -140,6 +140,19 @@ def ensure_storage(wh: Warehouse, names: Names, entity: Entity, schema: pa.Schem
             )
     if names.view is not None:
         ensure_view(wh, names, entity)
+
+
+def check_valid_to_current(wh: Warehouse, entity: Entity) -> None:
+    """Refuse a `dbt_valid_to_current` the warehouse's timestamps cannot hold: ClickHouse would
+    show every current version as 1970-01-01 instead."""
+    value = entity.valid_to_current
+    if value is not None and not wh.holds_timestamp(value):
+        features = wh.features
+        raise ConfigError(
+            f"[entity.{entity.name}] dbt_valid_to_current = {value} is outside what the"
+            f" warehouse's {features.timestamp_type} holds ({features.timestamp_range} UTC);"
+            " current versions would read 1970-01-01"
+        )
 
 
 def view_columns(wh: Warehouse, names: Names, entity: Entity) -> list[tuple[str, str]]:
@@ -786,9 +799,12 @@ def apply_batch(
     if not has_raw and not wh.table_exists(database, names.storage):
         return StageResult()
     # without a raw table (it was dropped) the batch is an empty extract: everything disappeared
+    check_valid_to_current(wh, entity)
     types = wh.columns(database, entity.raw_table if has_raw else names.storage)
-    key_types = {k: types[k] for k in entity.unique_key}
     source = [c for c in types if c not in META_COLUMNS] if has_raw else []
+    if has_raw:
+        check_columns(entity, source, f"raw table {database}.{entity.raw_table}")
+    key_types = {k: types[k] for k in entity.unique_key}
     if has_raw:
         ensure_check_columns(wh, database, entity, types)
         if _stale(wh, database, entity, batch_id):
@@ -824,7 +840,7 @@ def apply_batch(
             retired = diff_buckets(reads, buckets, spec, pending, batch_ts)
         touched = sum(pending.opened.values()) + retired
         live_before = reads.live_count() if touched else 0
-        check_delete_guard(spec, retired, live_before)
+        check_delete_guard(spec, retired, live_before, batch_id)
         pending.write(source, bucket_rows)
         problems: list[str] = []
         if touched and not stored_rows:

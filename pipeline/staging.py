@@ -302,6 +302,7 @@ def write_batch(
                 "bytes": len(data),
                 "xxh64": xxhash.xxh64_hexdigest(data),
                 "schema": part.schema.to_string(show_schema_metadata=False),
+                "columns": part.schema.names,
             }
         )
         manifest.rows += part.rows

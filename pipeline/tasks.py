@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,6 +98,45 @@ def _mongo_scan(entity: Any, lower: Any = None, upper: Any = None) -> Iterator[p
     )
 
 
+def _check_scanned_columns(entity: Any, scanned: Iterable[str]) -> None:
+    """MongoDB has no schema: the settings are checked against every field the scan met, and
+    the raw table's columns (a field no document holds any more is still a column).
+    An empty scan of a new entity has nothing to check against."""
+    from pipeline.config import check_columns
+
+    columns = set(scanned)
+    cfg = settings()
+    if warehouse().table_exists(cfg.database, entity.raw_table):
+        columns |= set(warehouse().columns(cfg.database, entity.raw_table))
+    if columns:
+        check_columns(entity, columns, f"MongoDB collection {cfg.mongo_db}.{entity.object_name}")
+
+
+def _check_table_columns(entity: Any, columns: Sequence[str]) -> None:
+    """A PostgreSQL table's columns against the entity's settings and the raw table's own."""
+    from pipeline.config import check_columns
+    from pipeline.sources.postgres import PostgresSourceError
+    from pipeline.warehouse.base import RAW_META_COLUMNS
+
+    where = f"PostgreSQL table {entity.object_name}"
+    check_columns(entity, columns, where)
+    clash = [c for c in columns if c in RAW_META_COLUMNS]
+    if clash:
+        raise PostgresSourceError(
+            f"{where}: column(s) {clash} clash with the raw table's own columns"
+            f" {list(RAW_META_COLUMNS)}; rename them or read the table through a view"
+        )
+
+
+def _checked_at_end(entity: Any, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """Pass the batches through, then check the settings before staging writes the manifest."""
+    seen: set[str] = set()
+    for batch in batches:
+        seen.update(batch.schema.names)
+        yield batch
+    _check_scanned_columns(entity, seen)
+
+
 class Extract(EntityTask):
     """Source -> Parquet parts + manifest in staging (MongoDB: optionally by `_id` ranges)."""
 
@@ -119,13 +158,19 @@ class Extract(EntityTask):
         return StagingTarget(store(), entity.source, entity.name, self.batch)
 
     def run(self) -> None:
+        from pipeline.snapshots import check_valid_to_current
         from pipeline.staging import merge_manifests, write_batch
 
         cfg = settings()
         entity = cfg.entity(self.entity)
+        check_valid_to_current(warehouse(), entity)
         manifest = _new_manifest(entity, self.batch)
         if self.requires():
-            merge_manifests(store(), manifest, [t.manifest() for t in self.input()])
+            ranges = [t.manifest() for t in self.input()]
+            _check_scanned_columns(
+                entity, [c for m in ranges for p in m.parts for c in p.get("columns", ())]
+            )
+            merge_manifests(store(), manifest, ranges)
         else:
             batches = self._read(entity, manifest)
             if entity.reconcile:
@@ -142,7 +187,7 @@ class Extract(EntityTask):
         cfg = settings()
         self.read_seconds = 0.0
         if entity.source == "mongo":
-            return _mongo_scan(entity)
+            return _checked_at_end(entity, _mongo_scan(entity))
         from pipeline.sources import postgres
         from pipeline.state import load_watermark
 
@@ -158,6 +203,8 @@ class Extract(EntityTask):
             watermark,
             timedelta(minutes=cfg.lookback_minutes),
             cfg.batch_rows,
+            check=lambda columns: _check_table_columns(entity, columns),
+            finite=(entity.updated_at, entity.unique_key) if entity.updated_at else None,
         )
         self.read_seconds = time.perf_counter() - started
         if window is not None:

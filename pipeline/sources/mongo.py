@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,8 +17,12 @@ from datetime import UTC, datetime
 from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
+from pipeline.warehouse.base import EXTRA_COLUMN, column_name_problem
+
 if TYPE_CHECKING:
     import pyarrow as pa
+
+log = logging.getLogger("pipeline")
 
 MAX_EXACT_FLOAT_INT = 2**53
 # documents per chunk read ahead by the prefetch thread: decoded BSON is ~10x the size of the
@@ -155,7 +160,8 @@ class FieldMapping:
     flatten: tuple[str, ...] = ()
 
 
-EXTRA = "_extra"
+EXTRA = EXTRA_COLUMN
+_REPORTED: set[tuple[str, str]] = set()
 
 
 def _dig(doc: dict[str, Any], path: str) -> Any:
@@ -171,21 +177,46 @@ def flat_name(path: str) -> str:
     return path.replace(".", "__")
 
 
-def _shape(docs: Sequence[dict[str, Any]], mapping: FieldMapping) -> Sequence[dict[str, Any]]:
-    """Apply flatten paths and the `fields` list (unmapped fields go to `_extra`)."""
-    if mapping.fields is None and not mapping.flatten:
+def _unfit_fields(docs: Sequence[dict[str, Any]], collection: str) -> set[str]:
+    """Top-level field names that cannot be columns; each is reported once per process."""
+    unfit = set()
+    for keys in dict.fromkeys(tuple(doc) for doc in docs):
+        for key in keys:
+            problem = column_name_problem(key)
+            if problem is not None:
+                unfit.add(key)
+                if (collection, key) not in _REPORTED:
+                    _REPORTED.add((collection, key))
+                    log.warning(
+                        "MongoDB collection %s: field %r is %s, so it cannot be a column;"
+                        " its values land in %s (canonical JSON)",
+                        collection,
+                        key,
+                        problem,
+                        EXTRA,
+                    )
+    return unfit
+
+
+def _shape(
+    docs: Sequence[dict[str, Any]], mapping: FieldMapping, collection: str
+) -> Sequence[dict[str, Any]]:
+    """Apply flatten paths and the `fields` list; unmapped fields, and fields whose names
+    cannot be columns, go to `_extra`."""
+    unfit = _unfit_fields(docs, collection)
+    if mapping.fields is None and not mapping.flatten and not unfit:
         return docs
     shaped = []
-    keep = None if mapping.fields is None else {"_id", *mapping.fields}
+    keep = None if mapping.fields is None else {"_id", *mapping.fields} - unfit
     for doc in docs:
         out = {flat_name(p): _dig(doc, p) for p in mapping.flatten}
         extra = {}
         for key, value in doc.items():
-            if keep is None or key in keep:
-                out[key] = value
-            else:
+            if key in unfit or (keep is not None and key not in keep):
                 extra[key] = value
-        if keep is not None:
+            else:
+                out[key] = value
+        if keep is not None or extra:
             out[EXTRA] = canonical_json(extra) if extra else None
         shaped.append(out)
     return shaped
@@ -200,7 +231,7 @@ def documents_to_batch(
     """Turn documents into one record batch; `fields` keeps first-seen order across batches."""
     import pyarrow as pa
 
-    docs = _shape(docs, mapping or FieldMapping())
+    docs = _shape(docs, mapping or FieldMapping(), collection)
     seen = set(fields)
     for keys in dict.fromkeys(tuple(doc) for doc in docs):
         for key in keys:
@@ -268,6 +299,16 @@ def connect(uri: str, timeout_ms: int = 5000) -> Any:
             f"MongoDB at {mask_url(uri)} (CDC_MONGO_URI) is unreachable: {exc}"
         ) from exc
     return client
+
+
+def require_collection(client: Any, database: str, collection: str) -> None:
+    """Refuse a collection that does not exist: MongoDB would read it as empty, and a typo in
+    `collection` would then look like every document deleted (an empty one is fine)."""
+    if collection not in client[database].list_collection_names(filter={"name": collection}):
+        raise MongoSourceError(
+            f"MongoDB collection {database}.{collection} does not exist"
+            " (check `collection` of the entity and CDC_MONGO_DB)"
+        )
 
 
 def _id_filter(lower: Any, upper: Any) -> dict[str, Any]:
@@ -352,6 +393,7 @@ def scan(
 
     client = connect(uri)
     try:
+        require_collection(client, database, collection)
         cursor = client[database][collection].find(
             _id_filter(lower, upper),
             sort=[("_id", 1)],
@@ -378,6 +420,7 @@ def plan_ranges(uri: str, database: str, collection: str, parts: int) -> list[An
     """
     client = connect(uri)
     try:
+        require_collection(client, database, collection)
         coll = client[database][collection]
         total = coll.count_documents({})
         if parts <= 1 or total < parts:

@@ -20,7 +20,7 @@ import logging
 import queue
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -275,11 +275,16 @@ def read(
     lookback: timedelta,
     batch_rows: int = 50_000,
     columns: Sequence[str] | None = None,
+    check: Callable[[Sequence[str]], None] | None = None,
+    finite: tuple[str, Sequence[str]] | None = None,
 ) -> tuple[Window | None, Iterator[pa.RecordBatch]]:
     """Pin the window, open the snapshot, and return the window with a lazy stream of batches.
 
     `updated_at` None (mode = full) scans the whole table; the window is then None. `columns`
     reads only those (e.g. the keys, for reconciliation), typed exactly as in a full read.
+    `check` is handed the table's column names before any row is read (the entity's settings
+    are validated against them). `finite` (column, key columns) refuses rows whose column is
+    +/-infinity, naming their keys: such an `updated_at` lies outside every window.
     """
     conn = connect(dsn)
     try:
@@ -290,14 +295,54 @@ def read(
             window = Window(None if watermark is None else watermark - lookback, upper)
         conn.set_session(isolation_level="REPEATABLE READ", readonly=True, autocommit=False)
         found = table_columns(conn, object_name)  # the snapshot starts here, after the pin
+        if check is not None:
+            check([c.name for c in found])
         if updated_at is not None:
             _check_updated_at(found, object_name, updated_at)
+        if finite is not None:
+            refuse_infinite(conn, object_name, *finite)
         if columns is not None:
             found = _select_columns(found, object_name, columns)
     except BaseException:
         conn.close()
         raise
     return window, _stream(conn, found, object_name, updated_at, window, batch_rows)
+
+
+INFINITE_SHOWN = 5
+
+
+def refuse_infinite(conn: Any, object_name: str, column: str, key: Sequence[str]) -> None:
+    """Fail naming the keys of rows whose `column` is 'infinity' or '-infinity'.
+
+    No window `lower < updated_at <= upper` ever holds such a row, and ClickHouse could not
+    store it: reporting it is the only way not to lose it in silence. One indexed probe.
+    """
+    from psycopg2 import sql
+
+    schema, table = split_table(object_name)
+    ident = sql.Identifier(column)
+    template = "SELECT {}, {} FROM {}.{} WHERE {} IN ('infinity', '-infinity') LIMIT %s"
+    query = sql.SQL(template).format(
+        sql.SQL(", ").join(sql.Identifier(k) for k in key),
+        ident,
+        sql.Identifier(schema),
+        sql.Identifier(table),
+        ident,
+    )
+    with conn.cursor() as cur:
+        cur.execute(query, (INFINITE_SHOWN + 1,))
+        rows = cur.fetchall()
+    if rows:
+        shown = ", ".join(
+            f"{dict(zip(key, row[:-1], strict=True))} = {row[-1]}" for row in rows[:INFINITE_SHOWN]
+        )
+        more = " and more" if len(rows) > INFINITE_SHOWN else ""
+        raise PostgresSourceError(
+            f"PostgreSQL table {object_name}: column {column!r} is infinite in row(s)"
+            f" {shown}{more}; no window can hold such a row and ClickHouse cannot store it:"
+            " give it a finite timestamp"
+        )
 
 
 def _select_columns(found: list[Column], object_name: str, names: Sequence[str]) -> list[Column]:
@@ -327,11 +372,12 @@ def copy_statement(
     params: tuple[Any, ...] = ()
     if window is not None and updated_at is not None:
         ts = sql.Identifier(updated_at)
+        # rows without an updated_at are in every window: nothing else would ever read them
         if window.lower is None:
             select += sql.SQL(" WHERE ({ts} <= %s OR {ts} IS NULL)").format(ts=ts)
             params = (window.upper,)
         else:
-            select += sql.SQL(" WHERE {ts} > %s AND {ts} <= %s").format(ts=ts)
+            select += sql.SQL(" WHERE (({ts} > %s AND {ts} <= %s) OR {ts} IS NULL)").format(ts=ts)
             params = (window.lower, window.upper)
     query = sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv)").format(select)
     with conn.cursor() as cur:

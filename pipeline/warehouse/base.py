@@ -32,6 +32,29 @@ def quote_ident(name: str) -> str:
     return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
 
 
+# columns every raw table has besides the source's own; a source field may not take these names
+RAW_META_COLUMNS = ("_batch_id", "_loaded_at", "_row_hash", "_check_hash", "_check_cols")
+EXTRA_COLUMN = "_extra"  # MongoDB fields that are not columns, as canonical JSON
+# MergeTree keeps a file per column named after it, %XX-escaped, plus a suffix (`.null.mrk2`);
+# servers before 23.x fail the insert when that name exceeds the file system's 255 bytes
+MAX_ESCAPED_COLUMN_NAME = 200
+_PLAIN_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+def column_name_problem(name: str) -> str | None:
+    """Why a source field cannot be a raw column, or None; such a field lands in `_extra`."""
+    if not name:
+        return "an empty name"
+    if "\x00" in name:
+        return "a NUL character"
+    if name in RAW_META_COLUMNS or name == EXTRA_COLUMN:
+        return "a name the raw table reserves for its own column"
+    escaped = sum(1 if byte in _PLAIN_BYTES else 3 for byte in name.encode())
+    if escaped > MAX_ESCAPED_COLUMN_NAME:
+        return f"a name too long for a column file ({escaped} > {MAX_ESCAPED_COLUMN_NAME} bytes)"
+    return None
+
+
 def check_name(name: str, what: str = "name") -> str:
     """Validate a database/table name from configuration: plain identifiers only."""
     if not _IDENTIFIER.match(name):
@@ -101,6 +124,13 @@ class Features:
         return self.version >= (21, 1)
 
     @property
+    def timestamp_range(self) -> str:
+        """The documented range of `timestamp_type` (newer servers and chDB hold more)."""
+        if self.datetime64:
+            return "1900-01-01 00:00:00 .. 2299-12-31 23:59:59"
+        return "1970-01-01 00:00:01 .. 2105-12-31 23:59:59"
+
+    @property
     def timestamp_type(self) -> str:
         """The column type for instants: microseconds where the server has DateTime64."""
         return "DateTime64(6, 'UTC')" if self.datetime64 else "DateTime('UTC')"
@@ -150,6 +180,24 @@ class Warehouse(ABC):
             {"d": database, "t": table},
         )
         return dict(rows)
+
+    def holds_timestamp(self, text: str) -> bool:
+        """Whether a UTC timestamp (`YYYY-MM-DD HH:MM:SS[.ffffff]`) survives a round trip.
+
+        ClickHouse stores a DateTime outside its range as 1970 (or clamps it) without a word,
+        and the range of DateTime64 grew across versions, so the server itself is asked.
+        """
+        base, _, fraction = text.partition(".")
+        if self.features.datetime64:
+            sent, expression = text, "toString(toDateTime64(%(t)s, 6, 'UTC'))"
+        else:
+            sent, expression, fraction = base, "toString(toDateTime(%(t)s, 'UTC'))", ""
+        try:
+            stored = str(self.scalar(f"SELECT {expression}", {"t": sent}))
+        except WarehouseError:
+            return False
+        stored_base, _, stored_fraction = stored.partition(".")
+        return (stored_base, stored_fraction.rstrip("0")) == (base, fraction.rstrip("0"))
 
     def create_database(self, database: str) -> None:
         self.execute(f"CREATE DATABASE IF NOT EXISTS {quote_ident(database)}")

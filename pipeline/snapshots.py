@@ -163,7 +163,8 @@ def view_columns(wh: Warehouse, names: Names, entity: Entity) -> list[tuple[str,
             continue
         expression = quote_ident(column)
         if column == "dbt_valid_to" and entity.valid_to_current:
-            far = literal(entity.valid_to_current)
+            value = entity.valid_to_current
+            far = literal(value if wh.features.datetime64 else value.partition(".")[0])
             expression = f"ifNull(dbt_valid_to, {_to_ts(wh, far)})"
         columns.append((entity.meta_name(column), expression))
     return columns

@@ -41,6 +41,7 @@ CDC_RUN = ROOT / "setup" / "cron" / "cdc-run"
 USERS, PRODUCTS, ORDERS = 40, 6, 80
 ENTITIES = {"users", "products", "orders"}
 # variables of the developer's shell that would change what a wrapper run does
+LOCAL = ("--local-scheduler",)
 FOREIGN = ("LUIGID_URL", "CDC_ALERT_WEBHOOK", "CDC_FAILPOINT", "CDC_RUN_DIR", "CDC_ENV_FILE")
 
 
@@ -414,6 +415,79 @@ def test_secrets_stay_out_of_logs_luigid_and_audit_while_luigid_records_and_expo
     recorded = {(name, event): count for name, event, count in events}
     assert recorded[("RunAll", "DONE")] == 1 and recorded[("Extract", "FAILED")] == 2
     assert recorded[("Snapshot", "DONE")] == 4  # three in the first batch, users in the second
+
+
+def test_key_value_dsn_secrets_stay_out_of_luigi_output_the_log_and_the_audit(
+    deploy: Callable[..., Deployment], server_url: str, server: Any
+) -> None:
+    """A libpq key=value DSN against a dead port or a missing database once printed its
+    password in the message and in luigi's worker log lines."""
+    d = deploy(server_url)
+    password, ssl_password = f"pg-{uuid.uuid4().hex}", f"ssl-{uuid.uuid4().hex}"
+    port = urllib.parse.urlsplit(d.values["CDC_POSTGRES_DSN"]).port
+    dsns = (
+        f"host={stack.HOST} port={stack.free_port()} dbname=source user=postgres"
+        f" password={password}",
+        f"host={stack.HOST} port={port} dbname=no_such_db user=postgres password='{password}'"
+        f" sslpassword={ssl_password}",
+    )
+    for dsn in dsns:
+        run = subprocess.run(
+            [str(Path(sys.prefix) / "bin" / "luigi"), "--module", "pipeline", "RunAll", *LOCAL],
+            cwd=ROOT,
+            env=d.env(CDC_POSTGRES_DSN=dsn),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert run.returncode == 30, run.stderr[-2000:]
+        shown = run.stdout + run.stderr
+        assert "(CDC_POSTGRES_DSN) is unreachable" in shown and "password=***" in shown
+        assert password not in shown and ssl_password not in shown
+        wrapped = d.cdc_run("--run-dir", str(d.run_dir), CDC_POSTGRES_DSN=dsn)
+        assert wrapped.returncode == 1
+        assert "password=***" in d.log_text()
+        assert password not in d.log_text() + wrapped.stderr
+    errors = [r["error"] for r in _runs(server, d.database, "status = 'FAILURE'")]
+    assert len(errors) == 8 and all("password=***" in e for e in errors), errors
+    assert not any(password in e or ssl_password in e for e in errors)
+
+
+def test_wrapper_finds_cdc_run_of_cdc_venv_then_project_venv_then_path(
+    deploy: Callable[..., Deployment], tmp_path: Path
+) -> None:
+    """Installed with `pip install -e .` outside <project>/.venv, the wrapper exited 78."""
+    d = deploy()
+    project = tmp_path / "elsewhere"
+    (project / "setup" / "cron").mkdir(parents=True)
+    shutil.copy(CDC_RUN, project / "setup" / "cron" / "cdc-run")
+    for name in ("luigi.cfg", "sql"):
+        (project / name).symlink_to(ROOT / name)
+    wrapper = str(project / "setup" / "cron" / "cdc-run")
+    env = {k: v for k, v in d.env().items() if k != "CDC_VENV"}
+    on_path = {**env, "PATH": f"{Path(sys.prefix) / 'bin'}:/usr/bin:/bin"}
+    ran = subprocess.run(
+        [wrapper, "--run-dir", str(d.run_dir)], env=on_path, capture_output=True, text=True
+    )
+    assert ran.returncode == 0, ran.stderr + d.log_text()[-2000:]
+    assert "finished: exit 0" in d.log_text()
+    for broken in ({**on_path, "CDC_VENV": str(tmp_path / "no-venv")}, {**env, "PATH": "/bin"}):
+        refused = subprocess.run([wrapper], env=broken, capture_output=True, text=True)
+        assert refused.returncode == 78
+        assert "CDC_VENV" in refused.stderr and "configuration error" in refused.stderr
+
+
+def test_cdc_run_batch_runs_that_batch_alone(deploy: Callable[..., Deployment]) -> None:
+    d = deploy()
+    bad = d.cdc_run("--run-dir", str(d.run_dir), "--batch", "yesterday")
+    assert bad.returncode == 78 and "--batch" in bad.stderr and "YYYYMMDD" in bad.stderr
+    batch = new_batch_id()
+    ran = d.cdc_run("--run-dir", str(d.run_dir), "--batch", batch)
+    assert ran.returncode == 0, ran.stderr + d.log_text()[-2000:]
+    assert f"running batch {batch}" in d.log_text() and "starting batch" not in d.log_text()
+    again = d.cdc_run("--run-dir", str(d.run_dir), "--batch", batch)
+    assert again.returncode == 0
+    assert d.log_text().count(f"batch {batch}: complete") == 2
 
 
 def test_assistant_on_another_process_shares_the_batch_through_luigid(

@@ -128,17 +128,20 @@ def test_meta_column_names_and_valid_to_current(env: Env) -> None:
 
 
 def test_delete_guard_refuses_then_force_passes(env: Env, caplog: pytest.LogCaptureFixture) -> None:
-    assert env.build([Snapshot(entity="users", batch=new_batch_id())]) == LuigiStatusCode.SUCCESS
+    _add_people(env, "state, occupation", hard_deletes="invalidate")
+    assert env.build([Snapshot(entity="people", batch=new_batch_id())]) == LuigiStatusCode.SUCCESS
     ids = [d["_id"] for d in env.mongo().find({}, {"_id": 1}).limit(30)]
     env.mongo().delete_many({"_id": {"$in": ids}})
     _pause(env)
     batch = new_batch_id()
-    assert env.build([Snapshot(entity="users", batch=batch)]) == LuigiStatusCode.FAILED
+    assert env.build([Snapshot(entity="people", batch=batch)]) == LuigiStatusCode.FAILED
     assert "would retire 30 of 80 live keys" in caplog.text
-    assert env.count("users_snapshot", "WHERE dbt_valid_to IS NULL") == 80
-    forced = Snapshot(entity="users", batch=batch, force_deletes=True)
+    hint = f"--entity people --Snapshot-batch {batch} --force-deletes"
+    assert hint in caplog.text and f"cdc-run --batch {batch}" in caplog.text
+    assert env.count("people_snapshot", "WHERE dbt_valid_to IS NULL") == 80
+    forced = Snapshot(entity="people", batch=batch, force_deletes=True)
     assert env.build([forced]) == LuigiStatusCode.SUCCESS
-    assert env.count("users_snapshot", "WHERE dbt_valid_to IS NULL") == 50
+    assert env.count("people_snapshot", "WHERE dbt_valid_to IS NULL") == 50
 
 
 def test_batches_apply_in_order(env: Env) -> None:

@@ -322,7 +322,7 @@ def refuse_infinite(conn: Any, object_name: str, column: str, key: Sequence[str]
 
     schema, table = split_table(object_name)
     ident = sql.Identifier(column)
-    template = "SELECT {}, {} FROM {}.{} WHERE {} IN ('infinity', '-infinity') LIMIT %s"
+    template = "SELECT {}, {}::text FROM {}.{} WHERE {} IN ('infinity', '-infinity') LIMIT %s"
     query = sql.SQL(template).format(
         sql.SQL(", ").join(sql.Identifier(k) for k in key),
         ident,

@@ -37,6 +37,7 @@ system-deps:
 lint: install
 	$(BIN)/ruff check $(LINT_DIRS)
 	$(BIN)/ruff format --check $(LINT_DIRS)
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff check --fix $(LINT_DIRS)
@@ -46,10 +47,10 @@ test: install system-deps lint
 	$(BIN)/python -m pytest -q
 
 stack-up: install
-	$(BIN)/python -m pipeline.stack up --root $(STACK) --warehouse $(WAREHOUSE)
+	$(BIN)/python -m setup.stack up --root $(STACK) --warehouse $(WAREHOUSE)
 
 stack-down:
-	@[ -x $(BIN)/python ] && $(BIN)/python -m pipeline.stack down --root $(STACK) || true
+	@[ -x $(BIN)/python ] && $(BIN)/python -m setup.stack down --root $(STACK) || true
 
 summary: install
 	set -a; source $(STACK)/env; set +a; $(BIN)/python -m pipeline summary

@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     # still stop the services this run started
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    from pipeline import stack
+    from setup import stack
 
     started = time.perf_counter()
     load_before = os.getloadavg()

@@ -56,7 +56,7 @@ def reset_peak() -> bool:
 
 
 def _tasks(args: argparse.Namespace) -> list[Any]:
-    from pipeline.tasks import Extract, LoadRaw, RunAll, Snapshot
+    from pipeline.graph import Extract, LoadRaw, RunAll, Snapshot
 
     if args.runall:
         return [RunAll(batch=args.batch)]
@@ -74,8 +74,8 @@ def _count(wh: Any, sql: str) -> int | None:
 
 def _written(entity: str, batch: str) -> dict[str, Any]:
     """What this batch left in storage: raw rows, and snapshot rows it opened or closed."""
+    from pipeline.graph import Extract, Snapshot
     from pipeline.runtime import settings, warehouse
-    from pipeline.tasks import Extract, Snapshot
     from pipeline.warehouse import literal, qualified
 
     cfg = settings()

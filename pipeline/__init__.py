@@ -1,17 +1,29 @@
 """cdc-pipeline: MongoDB and PostgreSQL into ClickHouse with SCD Type 2 history.
 
-`luigi --module pipeline RunAll` finds the tasks here; heavy libraries load only inside tasks.
-Importing `alerts` and `audit` registers their Luigi event handlers (run audit, failure alerts).
-A process that `luigi` itself started runs without pandas (see `runtime.without_pandas`).
+`luigi --module pipeline RunAll` finds the tasks here (`pipeline.graph`); heavy libraries load
+only inside tasks. Importing `ops.audit` and `ops.alerts` registers their Luigi event handlers
+(run audit, failure alerts). A process that `luigi` itself started runs without pandas (see
+`runtime.without_pandas`).
 """
 
 import sys
 from pathlib import Path
 
-from pipeline import alerts, audit, runtime
-from pipeline.tasks import BuildMart, Extract, LoadRaw, RunAll, Snapshot
+from pipeline import runtime
+from pipeline.graph import BuildMart, Extract, ExtractRange, LoadRaw, PlanRanges, RunAll, Snapshot
+from pipeline.ops import alerts, audit
 
 if Path(sys.argv[0]).name == "luigi" or sys.argv[0].endswith("luigi/__main__.py"):
     runtime.without_pandas()
 
-__all__ = ["BuildMart", "Extract", "LoadRaw", "RunAll", "Snapshot", "alerts", "audit"]
+__all__ = [
+    "BuildMart",
+    "Extract",
+    "ExtractRange",
+    "LoadRaw",
+    "PlanRanges",
+    "RunAll",
+    "Snapshot",
+    "alerts",
+    "audit",
+]

@@ -1,66 +1,170 @@
-"""Settings and source entities: luigi.cfg holds the defaults, CDC_* environment variables win.
+"""Settings and source entities, declared once: luigi.cfg holds the defaults, CDC_* variables win.
 
-Secrets never travel as Luigi parameters (luigid would show them): tasks call `settings()` at run
-time instead. A secret can also come from a file named by `<VAR>_FILE` (Docker/K8s secrets).
+`FIELDS` is the one table of `[cdc]` settings (key, default, environment variable, kind,
+meaning): it drives parsing, secret masking and the README's configuration table (a test
+keeps them equal). `ENTITY_OPTIONS` does the same for `[entity.NAME]` sections.
+
+Secrets never travel as Luigi parameters (luigid would show them): tasks read the settings at
+run time instead. A secret can also come from a file named by `<VAR>_FILE` (Docker/K8s).
 """
 
 from __future__ import annotations
 
+import configparser
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Literal
 
-from pipeline.warehouse.base import check_name
+from pipeline.core.choices import HARD_DELETES, MODES, SOURCES, STRATEGIES
+from pipeline.core.errors import ConfigError
+from pipeline.core.names import (
+    SNAPSHOT_META_COLUMNS,
+    check_name,
+    raw_table,
+    snapshot_storage,
+    snapshot_view,
+)
+from pipeline.core.secrets import SHORTEST_SECRET, dsn_passwords, mask_dsn
 
 SECTION = "cdc"
 ENTITY_PREFIX = "entity."
+Kind = Literal["text", "int", "float", "bool", "dsn", "secret", "name"]
 
-# setting name in [cdc] -> environment variable that overrides it (the documented contract)
-ENV_VARS: dict[str, str] = {
-    "mongo_uri": "CDC_MONGO_URI",
-    "mongo_db": "CDC_MONGO_DB",
-    "postgres_dsn": "CDC_POSTGRES_DSN",
-    "staging_url": "CDC_STAGING_URL",
-    "s3_endpoint": "CDC_S3_ENDPOINT",
-    "s3_access_key": "CDC_S3_ACCESS_KEY",
-    "s3_secret_key": "CDC_S3_SECRET_KEY",
-    "s3_secure": "CDC_S3_SECURE",
-    "warehouse_url": "CDC_WAREHOUSE_URL",
-    "database": "CDC_DATABASE",
+
+@dataclass(frozen=True)
+class Field:
+    """One `[cdc]` setting. `dsn` values hold passwords (masked when shown); `secret` values
+    are secrets whole; `name` values must be plain identifiers."""
+
+    key: str
+    default: str
+    doc: str
+    env: str | None = None
+    kind: Kind = "text"
+    example: str = ""
+
+    def parse(self, value: str) -> Any:
+        where = self.env or f"[{SECTION}] {self.key}"
+        if self.kind == "bool":
+            return value.strip().lower() in ("1", "true", "yes", "on")
+        if self.kind in ("int", "float"):
+            try:
+                return int(value) if self.kind == "int" else float(value)
+            except ValueError:
+                raise ConfigError(f"{where} must be a number, got {value!r}") from None
+        if self.kind == "name":
+            return check_name(value, where)
+        return value
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("mongo_uri", "mongodb://127.0.0.1:27017", "MongoDB URI", "CDC_MONGO_URI", "dsn"),
+    Field("mongo_db", "source", "source database", "CDC_MONGO_DB"),
+    Field(
+        "postgres_dsn",
+        "postgresql://postgres@127.0.0.1:5434/source",
+        "libpq DSN of the source (URL or key=value)",
+        "CDC_POSTGRES_DSN",
+        "dsn",
+    ),
+    Field(
+        "staging_url",
+        "s3://cdc-staging/",
+        "staging root",
+        "CDC_STAGING_URL",
+        example="`s3://cdc-staging/` or `file:///var/lib/cdc/staging`",
+    ),
+    Field("s3_endpoint", "127.0.0.1:9004", "S3/MinIO endpoint", "CDC_S3_ENDPOINT"),
+    Field("s3_access_key", "minioadmin", "S3 access key", "CDC_S3_ACCESS_KEY"),
+    Field("s3_secret_key", "minioadmin", "S3 secret key", "CDC_S3_SECRET_KEY", "secret"),
+    Field("s3_secure", "false", "HTTPS to S3", "CDC_S3_SECURE", "bool"),
+    Field(
+        "warehouse_url",
+        "clickhouse://default:@127.0.0.1:9000",
+        "the warehouse",
+        "CDC_WAREHOUSE_URL",
+        "dsn",
+        example="`clickhouse://user:pass@host:9000` or `chdb:///path`",
+    ),
+    Field(
+        "database",
+        "data_pipeline",
+        "ClickHouse database for everything we write",
+        "CDC_DATABASE",
+        "name",
+    ),
+    Field("lookback_minutes", "10", "re-read window before the watermark", kind="float"),
+    Field("batch_rows", "50000", "rows per Arrow record batch", kind="int"),
+    Field("part_rows", "500000", "rows per Parquet part", kind="int"),
+    Field("delete_guard", "0.2", "share of live keys a batch may retire", kind="float"),
+    Field("merge_bucket_rows", "100000", "changed keys per SCD2 merge bucket", kind="int"),
+    Field(
+        "staging_retention_days",
+        "7",
+        "staged batches older than this are deleted after a load (0 keeps all)",
+        kind="float",
+    ),
+    Field(
+        "raw_retention_days",
+        "30",
+        "full-scan raw copies older than this go (0 keeps all)",
+        kind="float",
+    ),
+    Field(
+        "task_retries",
+        "0",
+        "attempts a task makes again after a retriable failure (a server that was down)",
+        kind="int",
+    ),
+    Field("retry_delay_seconds", "10", "wait before each such attempt", kind="float"),
+)
+FIELD = {f.key: f for f in FIELDS}
+# read from the environment only (never from luigi.cfg), each with what it does
+ENV_ONLY = {
+    "CDC_ALERT_WEBHOOK": "failure alerts are POSTed here (a secret: most webhook URLs are)",
+    "CDC_ALLOW_PANDAS": "1 lets pyarrow import pandas in pipeline runs",
+    "CDC_SQL_DIR": "the marts' directory (default: sql/ of the project)",
+    "CDC_RUN_DIR": "the cron wrapper's lock and logs",
 }
-
-DEFAULTS: dict[str, str] = {
-    "mongo_uri": "mongodb://127.0.0.1:27017",
-    "mongo_db": "source",
-    "postgres_dsn": "postgresql://postgres@127.0.0.1:5434/source",
-    "staging_url": "s3://cdc-staging/",
-    "s3_endpoint": "127.0.0.1:9004",
-    "s3_access_key": "minioadmin",
-    "s3_secret_key": "minioadmin",
-    "s3_secure": "false",
-    "warehouse_url": "clickhouse://default:@127.0.0.1:9000",
-    "database": "data_pipeline",
-    "lookback_minutes": "10",
-    "batch_rows": "50000",
-    "part_rows": "500000",
-    "merge_bucket_rows": "100000",
-    "delete_guard": "0.2",
-    "staging_retention_days": "7",
-    "raw_retention_days": "30",
-}
-
-STRATEGIES = ("check", "timestamp")
-HARD_DELETES = ("ignore", "invalidate", "new_record")
-SOURCES = ("mongo", "postgres")
+# variables whose values are secrets wherever they appear, besides the secret fields
+SECRET_VARS = ("CDC_ALERT_WEBHOOK",)
+SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN", re.IGNORECASE)
 
 
-class ConfigError(ValueError):
-    """A setting is missing or malformed; the message names the section and key."""
+@dataclass(frozen=True)
+class Option:
+    """One `[entity.NAME]` option: which sources take it and what it means."""
+
+    key: str
+    sources: tuple[str, ...]
+    default: str
+    doc: str
+
+
+ENTITY_OPTIONS: tuple[Option, ...] = (
+    Option("source", SOURCES, "required", "`mongo` or `postgres`"),
+    Option("collection", ("mongo",), "the entity name", "the collection to read"),
+    Option("table", ("postgres",), "the entity name", "the table, `schema.table`"),
+    Option("unique_key", SOURCES, "required", "one or several columns"),
+    Option("strategy", SOURCES, "check", "`check` or `timestamp`"),
+    Option("check_cols", SOURCES, "all", "the columns whose change opens a version"),
+    Option("updated_at", SOURCES, "none", "the timestamp column (strategy = timestamp)"),
+    Option("hard_deletes", SOURCES, "ignore", "`ignore`, `invalidate` or `new_record`"),
+    Option("delete_guard", SOURCES, "[cdc] value", "share of live keys a batch may retire"),
+    Option("mode", ("postgres",), "incremental with updated_at", "`full` or `incremental`"),
+    Option("reconcile", ("postgres",), "false", "read every key each batch to see deletes"),
+    Option("partitions", ("mongo",), "1", "extract in N `_id` ranges"),
+    Option("fields", ("mongo",), "every field", "fields that become columns"),
+    Option("flatten", ("mongo",), "none", "nested paths that become columns"),
+    Option("snapshot_meta_column_names", SOURCES, "dbt names", "renamed meta columns"),
+    Option("dbt_valid_to_current", SOURCES, "NULL", "shown instead of NULL on current versions"),
+    Option("raw_retention_days", SOURCES, "[cdc] value", "full-scan raw copies kept this long"),
+)
+OPTION = {o.key: o for o in ENTITY_OPTIONS}
 
 
 @dataclass(frozen=True)
@@ -91,11 +195,15 @@ class Entity:
 
     @property
     def raw_table(self) -> str:
-        return f"raw_{self.name}"
+        return raw_table(self.name)
 
     @property
     def snapshot_table(self) -> str:
-        return f"{self.name}_snapshot"
+        return snapshot_view(self.name)
+
+    @property
+    def storage_table(self) -> str:
+        return snapshot_storage(self.name)
 
     @property
     def incremental(self) -> bool:
@@ -104,9 +212,11 @@ class Entity:
 
 @dataclass(frozen=True)
 class Settings:
-    mongo_uri: str
+    """The `[cdc]` settings, one attribute per entry of `FIELDS`, and the entities."""
+
+    mongo_uri: str = field(repr=False)
     mongo_db: str
-    postgres_dsn: str
+    postgres_dsn: str = field(repr=False)
     staging_url: str
     s3_endpoint: str
     s3_access_key: str
@@ -117,8 +227,12 @@ class Settings:
     lookback_minutes: float
     batch_rows: int
     part_rows: int
+    delete_guard: float
     merge_bucket_rows: int
     staging_retention_days: float
+    raw_retention_days: float
+    task_retries: int
+    retry_delay_seconds: float
     entities: tuple[Entity, ...]
 
     def entity(self, name: str) -> Entity:
@@ -128,8 +242,19 @@ class Settings:
         known = ", ".join(e.name for e in self.entities)
         raise ConfigError(f"unknown entity {name!r}; luigi.cfg declares: {known}")
 
+    def secrets(self) -> set[str]:
+        """The secret values these settings hold (whole secrets and passwords inside DSNs)."""
+        values: set[str] = set()
+        for f in FIELDS:
+            value = getattr(self, f.key)
+            if f.kind == "secret" and value:
+                values.add(value)
+            elif f.kind == "dsn":
+                values |= dsn_passwords(value)
+        return values
 
-def _env(name: str) -> str | None:
+
+def env_value(name: str) -> str | None:
     """An environment variable, or the content of the file its `_FILE` twin names."""
     if name in os.environ:
         return os.environ[name]
@@ -143,9 +268,24 @@ def _split(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in re.split(r"[,\s]+", value) if part.strip())
 
 
-def _parse_entity(
-    name: str, options: dict[str, str], delete_guard: float, raw_retention: float = 0
-) -> Entity:
+def _choice(value: str, allowed: tuple[str, ...], where: str, key: str) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{where}: {key} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def _check_options(where: str, source: str, options: dict[str, str]) -> None:
+    """Unknown options and options of another source kind are refused, never ignored: a
+    misspelt `check_col` would otherwise mean "all columns"."""
+    unknown = sorted(set(options) - OPTION.keys())
+    if unknown:
+        raise ConfigError(f"{where}: unknown option(s) {unknown}; known: {sorted(OPTION)}")
+    foreign = sorted(k for k in options if source not in OPTION[k].sources)
+    if foreign:
+        raise ConfigError(f"{where}: {foreign} do not apply to {source} sources")
+
+
+def _parse_entity(name: str, options: dict[str, str], cfg: dict[str, Any]) -> Entity:
     where = f"[{ENTITY_PREFIX}{name}]"
     check_name(name, f"entity name in {where}")
 
@@ -154,13 +294,10 @@ def _parse_entity(
             raise ConfigError(f"{where}: '{key}' is required")
         return options[key]
 
-    source = need("source")
-    if source not in SOURCES:
-        raise ConfigError(f"{where}: source must be one of {SOURCES}, got {source!r}")
+    source = _choice(need("source"), SOURCES, where, "source")
+    _check_options(where, source, options)
     object_name = options.get("collection" if source == "mongo" else "table") or name
-    strategy = options.get("strategy", "check")
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"{where}: strategy must be one of {STRATEGIES}, got {strategy!r}")
+    strategy = _choice(options.get("strategy", "check"), STRATEGIES, where, "strategy")
     check_cols_raw = options.get("check_cols", "all")
     check_cols = None if check_cols_raw.strip() == "all" else _split(check_cols_raw)
     updated_at = options.get("updated_at") or None
@@ -171,7 +308,7 @@ def _parse_entity(
         raise ConfigError(f"{where}: hard_deletes must be one of {HARD_DELETES}")
     default_mode = "incremental" if source == "postgres" and updated_at else "full"
     mode = options.get("mode", default_mode)
-    if mode not in ("full", "incremental"):
+    if mode not in MODES:
         raise ConfigError(f"{where}: mode must be full or incremental, got {mode!r}")
     if mode == "incremental" and (source != "postgres" or not updated_at):
         raise ConfigError(f"{where}: mode = incremental needs a postgres table and 'updated_at'")
@@ -180,10 +317,6 @@ def _parse_entity(
         raise ConfigError(f"{where}: reconcile applies to incremental postgres tables only")
     if reconcile and hard_deletes == "ignore":
         raise ConfigError(f"{where}: reconcile needs hard_deletes = invalidate or new_record")
-    fields = _split(options["fields"]) if options.get("fields") else None
-    flatten = _split(options.get("flatten", ""))
-    if source != "mongo" and (fields is not None or flatten or "partitions" in options):
-        raise ConfigError(f"{where}: fields, flatten and partitions apply to mongo sources only")
     valid_to_current = options.get("dbt_valid_to_current") or None
     if valid_to_current is not None:
         at = timestamp_setting(valid_to_current, f"{where} dbt_valid_to_current")
@@ -198,34 +331,40 @@ def _parse_entity(
         updated_at=updated_at,
         hard_deletes=hard_deletes,
         mode=mode,
-        delete_guard=float(options.get("delete_guard", delete_guard)),
-        fields=fields,
-        flatten=flatten,
+        delete_guard=_number(options.get("delete_guard"), cfg["delete_guard"], where),
+        fields=_split(options["fields"]) if options.get("fields") else None,
+        flatten=_split(options.get("flatten", "")),
         partitions=_positive_int(options.get("partitions", "1"), f"{where} partitions"),
         meta_names=_meta_names(options.get("snapshot_meta_column_names", ""), where),
         valid_to_current=valid_to_current,
         reconcile=reconcile,
-        raw_retention_days=float(options.get("raw_retention_days", raw_retention)),
+        raw_retention_days=_number(
+            options.get("raw_retention_days"), cfg["raw_retention_days"], where
+        ),
     )
 
 
-META_COLUMNS = ("dbt_scd_id", "dbt_updated_at", "dbt_valid_from", "dbt_valid_to", "dbt_is_deleted")
+def _number(value: str | None, default: float, where: str) -> float:
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"{where}: expected a number, got {value!r}") from None
 
 
 def _meta_names(value: str, where: str) -> tuple[tuple[str, str], ...]:
     """`dbt_valid_from: valid_from, dbt_valid_to: valid_to` -> pairs, validated."""
     pairs = []
-    for item in _split_pairs(value):
+    for item in (p.strip() for p in value.split(",")):
+        if not item:
+            continue
         meta, _, name = item.partition(":")
         meta, name = meta.strip(), name.strip()
-        if meta not in META_COLUMNS:
+        if meta not in SNAPSHOT_META_COLUMNS:
             raise ConfigError(f"{where}: snapshot_meta_column_names: unknown column {meta!r}")
         pairs.append((meta, check_name(name, f"{where} snapshot_meta_column_names value")))
     return tuple(pairs)
-
-
-def _split_pairs(value: str) -> list[str]:
-    return [item for item in (p.strip() for p in value.split(",")) if item]
 
 
 def timestamp_setting(value: str, what: str) -> datetime:
@@ -239,36 +378,6 @@ def timestamp_setting(value: str, what: str) -> datetime:
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
-def unknown_columns(entity: Entity, columns: Collection[str]) -> list[tuple[str, str]]:
-    """(setting, name) for every column an entity's settings name that `columns` lacks."""
-    named: list[tuple[str, str]] = [("unique_key", k) for k in entity.unique_key]
-    named += [("check_cols", c) for c in entity.check_cols or ()]
-    if entity.updated_at:
-        named.append(("updated_at", entity.updated_at))
-    named += [("fields", f) for f in entity.fields or ()]
-    named += [("flatten", p) for p in entity.flatten]
-    present = set(columns)
-    return [
-        (setting, name)
-        for setting, name in named
-        if (name.replace(".", "__") if setting == "flatten" else name) not in present
-    ]
-
-
-def check_columns(entity: Entity, columns: Collection[str], source: str) -> None:
-    """Refuse settings that name columns the source does not have, before anything is written:
-    a `check_cols` typo would otherwise open a version for every key, silently."""
-    unknown = unknown_columns(entity, columns)
-    if not unknown:
-        return
-    settings_named = ", ".join(f"{setting} = {name!r}" for setting, name in unknown)
-    known = ", ".join(sorted(columns)[:40]) + (", ..." if len(columns) > 40 else "")
-    raise ConfigError(
-        f"[{ENTITY_PREFIX}{entity.name}]: {settings_named}: no such column in {source}"
-        f" (it has: {known})"
-    )
-
-
 def _positive_int(value: str, what: str) -> int:
     try:
         number = int(value)
@@ -279,82 +388,64 @@ def _positive_int(value: str, what: str) -> int:
     return number
 
 
-def load_settings(config_path: str | os.PathLike[str] | None = None) -> Settings:
-    """Read luigi.cfg (or `config_path`) and the environment into validated Settings."""
-    import configparser
-
+def _parser(config_path: str | os.PathLike[str] | None) -> configparser.RawConfigParser:
     if config_path is not None:
         parser = configparser.ConfigParser(interpolation=None)
         parser.read(config_path)
-    else:
-        from luigi.configuration import get_config
+        return parser
+    from luigi.configuration import get_config  # luigi's own parser: luigi.cfg, LUIGI_CONFIG_PATH
 
-        parser = get_config()
+    return get_config()
+
+
+def load_settings(config_path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read luigi.cfg (or `config_path`) and the environment into validated Settings."""
+    parser = _parser(config_path)
     section = dict(parser.items(SECTION)) if parser.has_section(SECTION) else {}
-    values = {**DEFAULTS, **section}
-    for key, var in ENV_VARS.items():
-        override = _env(var)
+    unknown = sorted(set(section) - FIELD.keys())
+    if unknown:
+        raise ConfigError(f"[{SECTION}]: unknown setting(s) {unknown}; known: {sorted(FIELD)}")
+    raw = {f.key: section.get(f.key, f.default) for f in FIELDS}
+    for f in FIELDS:
+        override = env_value(f.env) if f.env else None
         if override is not None:
-            values[key] = override
-    delete_guard = float(values["delete_guard"])
-    raw_retention = float(values["raw_retention_days"])
+            raw[f.key] = override
+    values = {key: FIELD[key].parse(value) for key, value in raw.items()}
     entities = tuple(
-        _parse_entity(
-            s.removeprefix(ENTITY_PREFIX), dict(parser.items(s)), delete_guard, raw_retention
-        )
+        _parse_entity(s.removeprefix(ENTITY_PREFIX), dict(parser.items(s)), values)
         for s in parser.sections()
         if s.startswith(ENTITY_PREFIX)
     )
     if not entities:
         raise ConfigError(f"no [{ENTITY_PREFIX}NAME] sections found in luigi.cfg")
-    return Settings(
-        mongo_uri=values["mongo_uri"],
-        mongo_db=values["mongo_db"],
-        postgres_dsn=values["postgres_dsn"],
-        staging_url=values["staging_url"],
-        s3_endpoint=values["s3_endpoint"],
-        s3_access_key=values["s3_access_key"],
-        s3_secret_key=values["s3_secret_key"],
-        s3_secure=values["s3_secure"].strip().lower() in ("1", "true", "yes", "on"),
-        warehouse_url=values["warehouse_url"],
-        database=check_name(values["database"], "CDC_DATABASE"),
-        lookback_minutes=float(values["lookback_minutes"]),
-        batch_rows=int(values["batch_rows"]),
-        part_rows=int(values["part_rows"]),
-        merge_bucket_rows=int(values["merge_bucket_rows"]),
-        staging_retention_days=float(values["staging_retention_days"]),
-        entities=entities,
-    )
+    return Settings(**values, entities=entities)
 
 
-@cache
-def settings() -> Settings:
-    """The process-wide settings; tests call `settings.cache_clear()` after changing the env."""
-    return load_settings()
-
-
-# libpq keywords whose values are secrets (https://www.postgresql.org/docs/15/libpq-connect.html)
-DSN_SECRET_KEYS = ("password", "sslpassword")
-_DSN_PAIR = re.compile(
-    r"(?P<head>\b(?:" + "|".join(DSN_SECRET_KEYS) + r")\s*=\s*)"
-    r"(?P<value>'(?:[^'\\]|\\.)*'|[^\s&]+)"
-)
+def secret_values(load: Callable[[], Settings] | None = None) -> set[str]:
+    """Every secret this process knows: the settings' (when they load), and the environment's
+    CDC_*SECRET*, *PASSWORD*, *TOKEN* variables, their *_FILE files and DSN passwords."""
+    values: set[str] = set()
+    names = [n for n in os.environ if n.startswith("CDC_") and SECRET_NAME.search(n)]
+    for name in {*SECRET_VARS, *(f.env for f in FIELDS if f.kind == "secret" and f.env)}:
+        names.append(name)
+    for name in {n.removesuffix("_FILE") for n in names}:
+        try:
+            value = env_value(name)
+        except OSError:
+            continue
+        if value:
+            values.add(value)
+    for f in FIELDS:
+        if f.kind == "dsn" and f.env:
+            values |= dsn_passwords(os.environ.get(f.env, ""))
+    if load is not None:
+        try:
+            values |= load().secrets()
+        except (ConfigError, ValueError, OSError, configparser.Error):
+            pass
+    return {v for v in values if len(v) >= SHORTEST_SECRET}
 
 
 def mask_url(url: str) -> str:
-    """A URL or libpq DSN with its secrets replaced by ***, so it can be logged or shown.
-
-    Covers `scheme://user:password@host`, `?password=...` query parameters and key=value
-    DSNs (`host=... password=... sslpassword='...'`). A DSN that names a service file has its
-    secrets in that file, which is never read here.
-    """
-    masked = _DSN_PAIR.sub(r"\g<head>***", url)
-    try:
-        parts = urlsplit(masked)
-        password = parts.password
-    except ValueError:
-        return masked
-    if password is None:
-        return masked
-    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    """A URL or DSN safe to show (its passwords masked)."""
+    return mask_dsn(url)

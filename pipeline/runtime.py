@@ -10,29 +10,34 @@ import os
 import sys
 from functools import cache
 from importlib.abc import MetaPathFinder
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pipeline.config import settings
+from pipeline import config
+from pipeline.staging import Store, open_store
+from pipeline.warehouse import Warehouse, connect
 
-if TYPE_CHECKING:
-    from pipeline.staging import Store
-    from pipeline.warehouse import Warehouse
+__all__ = ["reset", "secrets", "settings", "store", "warehouse", "without_pandas"]
 
-__all__ = ["reset", "settings", "store", "warehouse", "without_pandas"]
+
+@cache
+def settings() -> config.Settings:
+    """The process-wide settings; `reset()` forgets them after the environment changed."""
+    return config.load_settings()
 
 
 @cache
 def warehouse() -> Warehouse:
-    from pipeline.warehouse import connect
-
     return connect(settings().warehouse_url)
 
 
 @cache
 def store() -> Store:
-    from pipeline.staging import open_store
-
     return open_store(settings())
+
+
+def secrets() -> set[str]:
+    """Every secret this process knows (see `config.secret_values`)."""
+    return config.secret_values(settings)
 
 
 def _forget_in_child() -> None:

@@ -1,33 +1,28 @@
-"""Parquet staging on S3/MinIO or local files: the contract between Extract and Load.
+"""Parquet staging on S3/MinIO or local files: where Extract writes and Load reads.
 
 A batch lives under `<source>/<table>/batch=<id>/` as `part-NNNNN.parquet` files (zstd) plus a
-`_manifest.json` written last. The manifest is the proof that the batch is complete: the staging
-Target exists only when it does, so a crashed extract is simply redone.
+`_manifest.json` written last (`pipeline.core.manifest`). The manifest is the proof that the
+batch is complete: the staging Target exists only when it does, so a crashed extract is simply
+redone. Neither stage owns this module; both speak through what it stores.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
-import luigi
+from pipeline.core.errors import StagingError
+from pipeline.core.manifest import Manifest
+from pipeline.core.names import MANIFEST, batch_prefix
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
     from pipeline.config import Settings
-
-MANIFEST = "_manifest.json"
-
-
-class StagingError(RuntimeError):
-    """Staging is unreachable or a batch is damaged; the message names the store and key."""
 
 
 class Store(Protocol):
@@ -146,8 +141,8 @@ class S3Store:
             raise StagingError(
                 f"{self.url}: {what} {key} failed: {exc.code} {exc.message}"
             ) from exc
-        except Exception as exc:
-            raise StagingError(f"{self.url}: {what} {key} failed: {exc}") from exc
+        except Exception as exc:  # the connection, not the object: a rerun may succeed
+            raise StagingError(f"{self.url}: {what} {key} failed: {exc}", retriable=True) from exc
 
 
 def open_store(settings: Settings) -> Store:
@@ -174,7 +169,8 @@ def open_store(settings: Settings) -> Store:
             found = client.bucket_exists(bucket)
         except Exception as exc:
             raise StagingError(
-                f"staging S3 endpoint {settings.s3_endpoint} (CDC_S3_ENDPOINT) unreachable: {exc}"
+                f"staging S3 endpoint {settings.s3_endpoint} (CDC_S3_ENDPOINT) unreachable: {exc}",
+                retriable=True,
             ) from exc
         if not found:
             raise StagingError(
@@ -183,66 +179,6 @@ def open_store(settings: Settings) -> Store:
             )
         return store
     raise StagingError(f"CDC_STAGING_URL must start with s3:// or file://, got {url!r}")
-
-
-def batch_prefix(source: str, table: str, batch_id: str) -> str:
-    return f"{source}/{table}/batch={batch_id}/"
-
-
-@dataclass
-class Manifest:
-    """What Load needs to trust a batch: row counts, schemas, checksums and the source window."""
-
-    entity: str
-    source: str
-    table: str
-    batch_id: str
-    extracted_at: str  # ISO-8601 UTC: when the read started (valid_from of check snapshots)
-    rows: int = 0
-    parts: list[dict[str, Any]] = field(default_factory=list)  # key, rows, xxh64, schema
-    window: dict[str, str | None] = field(default_factory=dict)  # lower/upper for incremental
-    full_scan: bool = True
-    keys_rows: int | None = None  # rows of the key list under keys/ (reconciliation), if any
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> Manifest:
-        return cls(**json.loads(data))
-
-
-class StagingTarget(luigi.Target):
-    """A staged batch (or one `_id` range of it, in `subdir`): exists once its manifest does."""
-
-    def __init__(
-        self, store: Store, source: str, table: str, batch_id: str, subdir: str = ""
-    ) -> None:
-        self.store = store
-        self.prefix = batch_prefix(source, table, batch_id) + subdir
-
-    def exists(self) -> bool:
-        return self.store.exists(self.prefix + MANIFEST)
-
-    def manifest(self) -> Manifest:
-        return Manifest.from_json(self.store.get(self.prefix + MANIFEST))
-
-
-class StagingKeyTarget(luigi.Target):
-    """One small object in staging (e.g. the `_id` range plan of a batch)."""
-
-    def __init__(self, store: Store, key: str) -> None:
-        self.store = store
-        self.key = key
-
-    def exists(self) -> bool:
-        return self.store.exists(self.key)
-
-    def read(self) -> bytes:
-        return self.store.get(self.key)
-
-    def write(self, data: bytes) -> None:
-        self.store.put(self.key, data)
 
 
 class _PartWriter:
@@ -331,6 +267,15 @@ def merge_manifests(store: Store, manifest: Manifest, ranges: Iterable[Manifest]
     prefix = batch_prefix(manifest.source, manifest.table, manifest.batch_id)
     store.put(prefix + MANIFEST, manifest.to_json())
     return manifest
+
+
+def read_manifest(store: Store, prefix: str) -> Manifest:
+    """The manifest under `prefix` (a batch's, or one range's or key list's of it)."""
+    return Manifest.from_json(store.get(prefix + MANIFEST))
+
+
+def manifest_exists(store: Store, prefix: str) -> bool:
+    return store.exists(prefix + MANIFEST)
 
 
 def read_parts(store: Store, manifest: Manifest) -> Iterator[pa.Table]:

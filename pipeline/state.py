@@ -11,16 +11,9 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import luigi
-
+from pipeline.core.errors import FailpointError
+from pipeline.core.names import BATCHES, STATE
 from pipeline.warehouse import Warehouse, qualified
-
-BATCHES = "_cdc_batches"
-STATE = "_cdc_state"
-
-
-class FailpointError(RuntimeError):
-    """Raised on purpose by tests to simulate a crash at a named point."""
 
 
 def failpoint(name: str, where: str) -> None:
@@ -98,10 +91,11 @@ def last_done(wh: Warehouse, database: str, entity: str, stage: str) -> str | No
     return value or None
 
 
-def save_watermark(
-    wh: Warehouse, database: str, entity: str, batch_id: str, watermark: datetime
-) -> None:
-    """Record the upper bound of a loaded window; stored as ISO text to keep microseconds."""
+def save_position(wh: Warehouse, database: str, entity: str, batch_id: str, position: str) -> None:
+    """Record where a loaded batch ended (a watermark as ISO text, to keep microseconds).
+
+    Written only after the batch's raw load has committed, so a crash never skips changes.
+    """
     import pyarrow as pa
 
     ensure_tables(wh, database)
@@ -112,15 +106,15 @@ def save_watermark(
             {
                 "entity": [entity],
                 "batch_id": [batch_id],
-                "watermark": [watermark.astimezone(UTC).isoformat()],
+                "watermark": [position],
                 "recorded_at": pa.array([datetime.now(UTC)], pa.timestamp("us", "UTC")),
             }
         ),
     )
 
 
-def load_watermark(wh: Warehouse, database: str, entity: str) -> datetime | None:
-    """The watermark of the newest committed load, or None before the first one."""
+def load_position(wh: Warehouse, database: str, entity: str) -> str | None:
+    """Where the newest committed load ended, or None before the first one."""
     if not wh.table_exists(database, STATE):
         return None
     value = wh.scalar(
@@ -128,18 +122,17 @@ def load_watermark(wh: Warehouse, database: str, entity: str) -> datetime | None
         " WHERE entity = %(e)s",
         {"e": entity},
     )
-    return datetime.fromisoformat(value) if value else None
+    return str(value) if value else None
 
 
-class MarkerTarget(luigi.Target):
-    """Exists once `stage` has finished `batch_id` for `entity` (a row in _cdc_batches)."""
+def save_watermark(
+    wh: Warehouse, database: str, entity: str, batch_id: str, watermark: datetime
+) -> None:
+    """A PostgreSQL watermark, as the position of its batch."""
+    save_position(wh, database, entity, batch_id, watermark.astimezone(UTC).isoformat())
 
-    def __init__(self, entity: str, stage: str, batch_id: str) -> None:
-        self.entity = entity
-        self.stage = stage
-        self.batch_id = batch_id
 
-    def exists(self) -> bool:
-        from pipeline.runtime import settings, warehouse
-
-        return is_done(warehouse(), settings().database, self.entity, self.stage, self.batch_id)
+def load_watermark(wh: Warehouse, database: str, entity: str) -> datetime | None:
+    """The watermark of the newest committed load, or None before the first one."""
+    position = load_position(wh, database, entity)
+    return datetime.fromisoformat(position) if position else None

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from pipeline import stack
+from setup import stack
 
 # The data is thrown away, so do not wait for SeaweedFS's 15 s graceful shutdown.
 TEARDOWN_TIMEOUT = 3.0
@@ -149,7 +149,7 @@ class Env:
 
     def run(self, batch: str | None = None) -> tuple[str, Any]:
         from pipeline import RunAll
-        from pipeline.tasks import new_batch_id
+        from pipeline.core.batch import new_batch_id
 
         batch = batch or new_batch_id()
         return batch, self.build([RunAll(batch=batch)])

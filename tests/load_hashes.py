@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import Entity
-from pipeline.hashing import row_hash
-from pipeline.raw import META_COLUMNS
+from pipeline.core.hashing import row_hash
+from pipeline.load.raw import META_COLUMNS
 
 
 def hash_mismatches(

@@ -15,18 +15,11 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from pipeline.marts import (
-    DataTest,
-    Mart,
-    MartError,
-    MartTestError,
-    build,
-    build_order,
-    compile_mart,
-    create_statement,
-    load_project,
-    run_tests,
-)
+from pipeline.core.errors import MartError
+from pipeline.marts.build import build, create_statement
+from pipeline.marts.data_tests import MartTestError, run_tests
+from pipeline.marts.header import DataTest
+from pipeline.marts.project import Mart, build_order, compile_mart, load_project
 from pipeline.warehouse import Warehouse, connect, qualified
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"

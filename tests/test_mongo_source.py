@@ -13,7 +13,8 @@ from bson.binary import UuidRepresentation
 from luigi.execution_summary import LuigiStatusCode
 
 from pipeline import runtime
-from pipeline.tasks import LoadRaw, new_batch_id
+from pipeline.core.batch import new_batch_id
+from pipeline.graph import LoadRaw
 from tests.conftest import Env
 from tests.load_hashes import hash_mismatches
 

@@ -30,9 +30,12 @@ import pymongo
 import pytest
 from luigi.execution_summary import LuigiStatusCode
 
-from pipeline import audit, cron, runtime, stack
-from pipeline.status import render as render_status
-from pipeline.tasks import RunAll, Snapshot, new_batch_id
+from pipeline import runtime
+from pipeline.core.batch import new_batch_id
+from pipeline.graph import RunAll, Snapshot
+from pipeline.ops import audit, cron
+from pipeline.ops.status import render as render_status
+from setup import stack
 from setup.generate_data import generate
 from setup.simulate_cdc import simulate
 

@@ -143,7 +143,7 @@ def _failure_messages(caplog: pytest.LogCaptureFixture) -> str:
 def test_unreachable_mongodb_is_named(
     env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from pipeline.stack import free_port
+    from setup.stack import free_port
 
     monkeypatch.setenv("CDC_MONGO_URI", f"mongodb://127.0.0.1:{free_port()}")
     runtime.reset()

@@ -26,10 +26,11 @@ from luigi.execution_summary import LuigiStatusCode
 from psycopg2 import sql
 
 from pipeline import runtime
-from pipeline.sources import postgres
-from pipeline.sources.postgres import PostgresSourceError
+from pipeline.core.batch import new_batch_id
+from pipeline.extract import pg_types, postgres
+from pipeline.extract.pg_copy import PostgresSourceError
+from pipeline.graph import LoadRaw
 from pipeline.state import load_watermark
-from pipeline.tasks import LoadRaw, new_batch_id
 from tests.load_hashes import hash_mismatches
 
 CONFIG = """
@@ -523,4 +524,4 @@ def test_nulls_empty_strings_and_wide_rows_in_one_column(pg: str) -> None:
     ],
 )
 def test_canonical_json_keeps_numbers_exact(text: str, canonical: str) -> None:
-    assert postgres.canonical_json(text) == canonical
+    assert pg_types.canonical_json(text) == canonical

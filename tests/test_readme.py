@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import stack
+from setup import stack
 from setup.generate_data import generate
 
 ROOT = Path(__file__).resolve().parent.parent

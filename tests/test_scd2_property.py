@@ -23,10 +23,13 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import Entity
-from pipeline.raw import ensure_raw_table, with_check_hash
-from pipeline.scd2 import DeleteGuardError
-from pipeline.snapshots import BUCKET_ROWS, Names, apply_batch, check_invariants
-from pipeline.state import FailpointError, ensure_tables, mark_done
+from pipeline.core.errors import DeleteGuardError, FailpointError
+from pipeline.load.raw import ensure_raw_table, with_check_hash
+from pipeline.load.rehash import ensure_current_hashes
+from pipeline.snapshot.invariants import BUCKET_ROWS, check_invariants
+from pipeline.snapshot.merge import apply_batch
+from pipeline.snapshot.storage import Names
+from pipeline.state import ensure_tables, mark_done
 from pipeline.warehouse import Warehouse, connect, quote_ident
 from tests.scd2_oracle import Oracle, Version, invariant_problems
 
@@ -236,6 +239,7 @@ def run_step(
     """Load one extract into raw and snapshot it, like the Load and Snapshot tasks do."""
     batch = batch_id(ts)
     load_raw(wh, database, entity, batch, rows, hashed)
+    ensure_current_hashes(wh, database, entity, batch, bucket_rows)
     if crash:
         with failpoint("snapshot-after-open"):
             try:
@@ -472,6 +476,7 @@ def test_delete_guard_refuses_then_force_passes(wh: Warehouse, hard_deletes: str
         oracle.apply(rows[1:], t2)
         before = view_rows(wh, database, entity)
         load_raw(wh, database, entity, batch_id(t3), rows[3:])  # 2 of 4 = 50%: refused
+        ensure_current_hashes(wh, database, entity, batch_id(t3), BUCKET_ROWS)
         with pytest.raises(DeleteGuardError, match=r"retire 2 of 4 live keys"):
             apply_batch(wh, database, entity, batch_id(t3))
         assert view_rows(wh, database, entity) == before

@@ -8,11 +8,14 @@ import pytest
 from luigi.execution_summary import LuigiStatusCode
 
 from pipeline import runtime
-from pipeline.config import settings
-from pipeline.scd2 import SnapshotError
-from pipeline.snapshot_maintenance import adopt, rebuild
-from pipeline.snapshots import Names, apply_batch, first_load_violations
-from pipeline.tasks import Snapshot, new_batch_id
+from pipeline.core.batch import new_batch_id
+from pipeline.core.errors import SnapshotError
+from pipeline.graph import Snapshot
+from pipeline.runtime import settings
+from pipeline.snapshot.invariants import first_load_violations
+from pipeline.snapshot.maintenance import adopt, rebuild
+from pipeline.snapshot.merge import apply_batch
+from pipeline.snapshot.storage import Names
 from setup.simulate_cdc import simulate
 from tests.conftest import Env
 
@@ -147,7 +150,7 @@ def test_delete_guard_refuses_then_force_passes(env: Env, caplog: pytest.LogCapt
 def test_batches_apply_in_order(env: Env) -> None:
     older, newer = new_batch_id(), new_batch_id()
     assert env.build([Snapshot(entity="users", batch=newer)]) == LuigiStatusCode.SUCCESS
-    from pipeline.tasks import LoadRaw
+    from pipeline.graph import LoadRaw
 
     assert env.build([LoadRaw(entity="users", batch=older)]) == LuigiStatusCode.SUCCESS
     with pytest.raises(SnapshotError, match=f"batch {older} is older than the last applied"):
@@ -197,7 +200,7 @@ def test_check_cols_change_rehashes_the_batch_even_after_a_crash_in_it(env: Env)
     """
     from luigi.configuration import get_config
 
-    from pipeline.tasks import LoadRaw
+    from pipeline.graph import LoadRaw
     from tests.load_hashes import hash_mismatches
 
     _add_people(env, "state, occupation")

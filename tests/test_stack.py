@@ -16,7 +16,7 @@ import psycopg2
 import pymongo
 import pytest
 
-from pipeline import stack
+from setup import stack
 from setup.generate_data import STATUSES, generate
 from setup.simulate_cdc import simulate
 
@@ -233,7 +233,7 @@ def test_stack_cli_up_status_down(tmp_path: Path) -> None:
     root = tmp_path / "stack"
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "pipeline.stack", *args, "--root", str(root)]
+        command = [sys.executable, "-m", "setup.stack", *args, "--root", str(root)]
         return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
 
     assert cli("up").returncode == 0

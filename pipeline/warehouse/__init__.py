@@ -1,25 +1,23 @@
-"""The warehouse: a ClickHouse server or embedded chDB, behind one small interface."""
+"""The warehouse: a ClickHouse server or embedded chDB, behind one small interface.
+
+`base` is the interface and the server's features, `sql` the quoting, `types` the type map in
+both directions, `ddl` the shared multi-step statements; `server` and `embedded` the backends.
+"""
 
 from __future__ import annotations
 
-from pipeline.warehouse.base import (
-    Features,
-    Warehouse,
-    WarehouseError,
-    arrow_to_clickhouse,
-    check_name,
-    column_defs,
-    literal,
-    qualified,
-    quote_ident,
-)
+from pipeline.core.errors import WarehouseError
+from pipeline.warehouse.base import Features, Warehouse
+from pipeline.warehouse.embedded import EmbeddedWarehouse
+from pipeline.warehouse.server import ServerWarehouse
+from pipeline.warehouse.sql import literal, qualified, quote_ident
+from pipeline.warehouse.types import arrow_to_clickhouse, column_defs
 
 __all__ = [
     "Features",
     "Warehouse",
     "WarehouseError",
     "arrow_to_clickhouse",
-    "check_name",
     "column_defs",
     "connect",
     "literal",
@@ -31,11 +29,7 @@ __all__ = [
 def connect(url: str) -> Warehouse:
     """Open the warehouse a CDC_WAREHOUSE_URL names (chdb:///path or clickhouse://...)."""
     if url.startswith("chdb://"):
-        from pipeline.warehouse.embedded import EmbeddedWarehouse
-
         return EmbeddedWarehouse(url)
     if url.startswith("clickhouse://"):
-        from pipeline.warehouse.server import ServerWarehouse
-
         return ServerWarehouse(url)
     raise WarehouseError(f"CDC_WAREHOUSE_URL must start with chdb:// or clickhouse://, got {url!r}")

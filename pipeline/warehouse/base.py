@@ -1,4 +1,4 @@
-"""The one warehouse interface both backends implement, plus the shared SQL helpers.
+"""The one warehouse interface both backends implement, and what a server can do.
 
 Everything above this layer speaks Arrow and ClickHouse SQL; nothing above it knows whether the
 warehouse is a ClickHouse server or chDB in this process.
@@ -6,93 +6,16 @@ warehouse is a ClickHouse server or chDB in this process.
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any
+
+from pipeline.core.errors import WarehouseError
+from pipeline.warehouse.sql import quote_ident
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_PARAM = re.compile(r"%\((\w+)\)s")
-
-
-class WarehouseError(RuntimeError):
-    """A warehouse statement failed; the message names the statement's target."""
-
-
-def quote_ident(name: str) -> str:
-    """Quote one identifier for ClickHouse; anything from config or sources goes through here."""
-    if not name or "\x00" in name:
-        raise ValueError(f"invalid identifier {name!r}")
-    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
-
-
-# columns every raw table has besides the source's own; a source field may not take these names
-RAW_META_COLUMNS = ("_batch_id", "_loaded_at", "_row_hash", "_check_hash", "_check_cols")
-EXTRA_COLUMN = "_extra"  # MongoDB fields that are not columns, as canonical JSON
-# MergeTree keeps a file per column named after it, %XX-escaped, plus a suffix (`.null.mrk2`);
-# servers before 23.x fail the insert when that name exceeds the file system's 255 bytes
-MAX_ESCAPED_COLUMN_NAME = 200
-_PLAIN_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
-
-
-def column_name_problem(name: str) -> str | None:
-    """Why a source field cannot be a raw column, or None; such a field lands in `_extra`."""
-    if not name:
-        return "an empty name"
-    if "\x00" in name:
-        return "a NUL character"
-    if name in RAW_META_COLUMNS or name == EXTRA_COLUMN:
-        return "a name the raw table reserves for its own column"
-    escaped = sum(1 if byte in _PLAIN_BYTES else 3 for byte in name.encode())
-    if escaped > MAX_ESCAPED_COLUMN_NAME:
-        return f"a name too long for a column file ({escaped} > {MAX_ESCAPED_COLUMN_NAME} bytes)"
-    return None
-
-
-def check_name(name: str, what: str = "name") -> str:
-    """Validate a database/table name from configuration: plain identifiers only."""
-    if not _IDENTIFIER.match(name):
-        raise ValueError(f"invalid {what} {name!r}: use letters, digits and _ only")
-    return name
-
-
-def qualified(database: str, table: str) -> str:
-    return f"{quote_ident(database)}.{quote_ident(table)}"
-
-
-def literal(value: Any) -> str:
-    """Render a Python value as a ClickHouse literal (used where a backend has no client params)."""
-    if value is None:
-        return "NULL"
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int | float | Decimal):
-        return repr(value) if not isinstance(value, Decimal) else str(value)
-    if isinstance(value, datetime):
-        if value.tzinfo is not None:
-            value = value.astimezone(UTC).replace(tzinfo=None)
-        return "'" + value.isoformat(sep=" ") + "'"
-    if isinstance(value, date):
-        return "'" + value.isoformat() + "'"
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace("'", "\\'")
-        return "'" + escaped + "'"
-    if isinstance(value, list | tuple | set | frozenset):
-        return "(" + ", ".join(literal(v) for v in value) + ")" if value else "(NULL)"
-    raise TypeError(f"cannot render {type(value).__name__} as a ClickHouse literal")
-
-
-def render(sql: str, params: Mapping[str, Any] | None) -> str:
-    """Substitute %(name)s placeholders with escaped literals."""
-    if not params:
-        return sql
-    return _PARAM.sub(lambda m: literal(params[m.group(1)]), sql)
 
 
 @dataclass(frozen=True)
@@ -226,49 +149,3 @@ class Warehouse(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def arrow_to_clickhouse(dtype: pa.DataType, features: Features, nullable: bool = True) -> str:
-    """The ClickHouse column type that holds an Arrow type without loss (documented in README)."""
-    import pyarrow as pa
-    import pyarrow.types as t
-
-    if t.is_string(dtype) or t.is_large_string(dtype):
-        base = "String"
-    elif t.is_binary(dtype) or t.is_large_binary(dtype) or t.is_fixed_size_binary(dtype):
-        base = "String"
-    elif t.is_boolean(dtype):
-        base = "Bool" if features.bool_type else "UInt8"
-    elif t.is_integer(dtype):
-        base = {
-            pa.int8(): "Int8",
-            pa.int16(): "Int16",
-            pa.int32(): "Int32",
-            pa.int64(): "Int64",
-            pa.uint8(): "UInt8",
-            pa.uint16(): "UInt16",
-            pa.uint32(): "UInt32",
-            pa.uint64(): "UInt64",
-        }[dtype]
-    elif t.is_float32(dtype):
-        base = "Float32"
-    elif t.is_floating(dtype):
-        base = "Float64"
-    elif t.is_decimal(dtype):
-        base = f"Decimal({dtype.precision}, {dtype.scale})"
-    elif t.is_timestamp(dtype):
-        base = "DateTime64(6, 'UTC')" if features.datetime64 else "DateTime('UTC')"
-    elif t.is_date(dtype):
-        base = "Date32" if features.date32 else "Date"
-    elif t.is_null(dtype):
-        base = "String"
-    else:
-        raise TypeError(f"no ClickHouse type for Arrow type {dtype}")
-    return f"Nullable({base})" if nullable else base
-
-
-def column_defs(schema: pa.Schema, features: Features, not_null: Sequence[str] = ()) -> str:
-    return ", ".join(
-        f"{quote_ident(f.name)} {arrow_to_clickhouse(f.type, features, f.name not in not_null)}"
-        for f in schema
-    )

@@ -19,14 +19,9 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from pipeline.warehouse.base import (
-    Features,
-    Warehouse,
-    WarehouseError,
-    qualified,
-    quote_ident,
-    render,
-)
+from pipeline.core.errors import WarehouseError
+from pipeline.warehouse.base import Features, Warehouse
+from pipeline.warehouse.sql import qualified, quote_ident, render
 
 if TYPE_CHECKING:
     import pyarrow as pa

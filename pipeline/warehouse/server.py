@@ -2,51 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from pipeline.warehouse.base import Features, Warehouse, WarehouseError, qualified, quote_ident
+from pipeline.core.errors import WarehouseError
+from pipeline.warehouse.base import Features, Warehouse
+from pipeline.warehouse.sql import qualified, quote_ident
+from pipeline.warehouse.types import clickhouse_to_arrow
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-_WRAPPER = re.compile(r"^(?:Nullable|LowCardinality)\((.*)\)$")
-_DECIMAL = re.compile(r"^Decimal(?:\d+)?\((\d+),\s*(\d+)\)$")
-
-
-def arrow_type(ch_type: str) -> pa.DataType:
-    """Map a ClickHouse column type to the Arrow type our stages use."""
-    import pyarrow as pa
-
-    while m := _WRAPPER.match(ch_type):
-        ch_type = m.group(1)
-    simple = {
-        "String": pa.string(),
-        "Int8": pa.int8(),
-        "Int16": pa.int16(),
-        "Int32": pa.int32(),
-        "Int64": pa.int64(),
-        "UInt8": pa.uint8(),
-        "UInt16": pa.uint16(),
-        "UInt32": pa.uint32(),
-        "UInt64": pa.uint64(),
-        "Float32": pa.float32(),
-        "Float64": pa.float64(),
-        "Date": pa.date32(),
-        "Date32": pa.date32(),
-        "Bool": pa.bool_(),
-    }
-    if ch_type in simple:
-        return simple[ch_type]
-    if ch_type.startswith("DateTime"):
-        return pa.timestamp("us", "UTC")
-    if m := _DECIMAL.match(ch_type):
-        return pa.decimal128(int(m.group(1)), int(m.group(2)))
-    if ch_type.startswith("FixedString"):
-        return pa.string()
-    raise WarehouseError(f"no Arrow mapping for ClickHouse type {ch_type}")
 
 
 def _python_column(array: pa.ChunkedArray | pa.Array) -> list:
@@ -73,7 +39,7 @@ class ServerWarehouse(Warehouse):
             password=unquote(parts.password or ""),
             settings={"strings_encoding": "utf-8"},
         )
-        version = self._client.execute("SELECT version()")[0][0]
+        version = self._run("SELECT version()")[0][0]
         self.features = Features(tuple(int(p) for p in version.split(".")[:3]))
 
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
@@ -86,7 +52,7 @@ class ServerWarehouse(Warehouse):
         import pyarrow as pa
 
         columns, types = self._run(sql, params, columnar=True, with_column_types=True)
-        fields = [pa.field(name, arrow_type(t)) for name, t in types]
+        fields = [pa.field(name, clickhouse_to_arrow(t)) for name, t in types]
         if not columns:
             return pa.Table.from_batches([], pa.schema(fields))
         arrays = [pa.array(list(col), type=f.type) for col, f in zip(columns, fields, strict=True)]
@@ -105,9 +71,10 @@ class ServerWarehouse(Warehouse):
         self._client.disconnect()
 
     def _run(self, sql: str, params: Any = None, **kwargs: Any) -> Any:
-        from clickhouse_driver.errors import Error
+        from clickhouse_driver.errors import Error, NetworkError, SocketTimeoutError
 
         try:
             return self._client.execute(sql, params, **kwargs)
         except Error as exc:
-            raise WarehouseError(f"{exc}\n-- while running: {sql[:500]}") from exc
+            down = isinstance(exc, NetworkError | SocketTimeoutError)  # a rerun may succeed
+            raise WarehouseError(f"{exc}\n-- while running: {sql[:500]}", retriable=down) from exc

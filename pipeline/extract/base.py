@@ -1,0 +1,110 @@
+"""The Source interface: what Extract needs from a kind of database, and nothing more.
+
+A source reads one batch of an entity as Arrow record batches; the Extract task stages them
+and the framework, not the source, keeps state between batches: a source is handed the
+position the last loaded batch ended at (a PostgreSQL watermark, as ISO text) and reports the
+window of the batch it read, whose `upper` becomes the next position once the raw load has
+committed. Adding a source is one module with one `Source` subclass plus one line in
+`pipeline.extract.SOURCES`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+from pipeline.checks import check_columns
+from pipeline.config import Entity, Settings
+from pipeline.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+@dataclass
+class Read:
+    """One batch as a source reads it: lazy record batches and the window they cover."""
+
+    batches: Iterator[pa.RecordBatch]
+    window: dict[str, str | None] = field(default_factory=dict)
+    read_seconds: float = 0.0  # spent before the first batch (pinning, snapshot, catalog)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a source is told about the batch it reads.
+
+    `position` is where the last loaded batch ended (None before the first); `known_columns`
+    are the raw table's columns, which a field no document holds any more still counts as.
+    """
+
+    settings: Settings
+    entity: Entity
+    batch_id: str
+    position: str | None = None
+    known_columns: frozenset[str] = frozenset()
+
+
+class Source(ABC):
+    """One kind of database. Subclasses set `kind` and implement `read`."""
+
+    kind: ClassVar[str]
+    # what the source's name in messages is (`PostgreSQL table public.orders`)
+    noun: ClassVar[str] = "source"
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.settings = context.settings
+        self.entity = context.entity
+
+    @property
+    def described(self) -> str:
+        return f"{self.noun} {self.entity.object_name}"
+
+    @property
+    def incremental(self) -> bool:
+        """Whether a batch reads only what changed since `position` (else the whole source)."""
+        return self.entity.incremental
+
+    @abstractmethod
+    def read(self) -> Read:
+        """The batch's rows; the settings are checked against the source's columns first."""
+
+    def keys(self) -> Iterator[pa.RecordBatch]:
+        """Every key the source holds (reconciliation of hard deletes)."""
+        raise ConfigError(f"{self.described}: reconcile is not supported by {self.kind} sources")
+
+    def partitions(self) -> int:
+        """How many ranges the source is extracted in by parallel tasks (1: one task)."""
+        return 1
+
+    def plan_ranges(self) -> tuple[bytes, int]:
+        """The bounds of the ranges, as bytes that `read_range` takes back, and how many
+        ranges they make."""
+        raise ConfigError(f"{self.described}: {self.kind} sources cannot be partitioned")
+
+    def read_range(self, plan: bytes, index: int) -> Iterator[pa.RecordBatch]:
+        """The rows of one range of the plan."""
+        raise ConfigError(f"{self.described}: {self.kind} sources cannot be partitioned")
+
+    def check_columns(self, columns: Collection[str]) -> None:
+        """Refuse settings naming columns the source does not have (nothing is written yet)."""
+        check_columns(self.entity, columns, self.described)
+
+    def check_scanned(self, columns: Collection[str]) -> None:
+        """For sources without a schema: check the settings against every column the batch
+        met, and the raw table's; an empty batch of a new entity has nothing to check."""
+        known = set(columns) | self.context.known_columns
+        if known:
+            self.check_columns(known)
+
+    def checked_at_end(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        """Pass the batches through, then `check_scanned` them before staging writes the
+        manifest (so a bad setting leaves no complete batch behind)."""
+        seen: set[str] = set()
+        for batch in batches:
+            seen.update(batch.schema.names)
+            yield batch
+        self.check_scanned(seen)

@@ -1,0 +1,1 @@
+"""Operations: the cron wrapper, the run audit, alerts, status, the report and the CLI."""

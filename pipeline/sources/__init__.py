@@ -1,1 +1,0 @@
-"""Source readers: each turns one collection or table into a stream of Arrow record batches."""

@@ -1,0 +1,681 @@
+"""The local stack without Docker: real servers on loopback, each under one root directory.
+
+`python -m setup.stack up|down|status [--root .stack]` starts MongoDB (SecantusDB),
+PostgreSQL, S3 (SeaweedFS), optionally a ClickHouse server, and luigid; it writes the CDC_*
+settings to `<root>/env` and the pids to `<root>/services.json` so that `down` stops exactly
+what `up` started. The test fixtures use the same functions with free ports.
+
+Only the standard library is imported here: the client libraries are imported by the probes
+that need them, so `status` and `down` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+BUCKET = "cdc-staging"
+S3_ACCESS_KEY = "cdc"
+S3_SECRET_KEY = "cdcsecret"
+DATABASE = "data_pipeline"
+SOURCE_DB = "source"
+HOST = "127.0.0.1"
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+WAREHOUSES = ("chdb", "clickhouse")
+CORE = ("mongodb", "postgres", "s3")
+CLICKHOUSE_CONFIG = Path("/etc/clickhouse-server/config.xml")
+UNIX_SOCKET_PATH_MAX = 107
+
+# SeaweedFS serves gRPC on each HTTP port + 10000, so its HTTP ports must stay below this.
+SEAWEED_PORT_LIMIT = 55000
+PORT_FLOOR = 11000
+# SeaweedFS needs ~17 s to exit on SIGTERM (its filer waits 15 s for open gRPC streams); its
+# writes are already on disk by then, so SIGKILL after 15 s loses nothing.
+STOP_TIMEOUTS = {"s3": 15.0}
+# SIGTERM is PostgreSQL's "smart" shutdown, which waits for every client to disconnect.
+STOP_SIGNALS = {"postgres": signal.SIGINT}
+# What a live process of each service has in its command line: a recorded pid that was
+# reused by an unrelated process must never be signalled.
+COMMAND_MARKERS = {
+    "mongodb": "secantusd",
+    "postgres": "postgres",
+    "s3": "weed",
+    "clickhouse": "clickhouse",
+    "luigid": "luigid",
+}
+
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+_HANDED_OUT: set[int] = set()
+_PORT_LOCK = threading.Lock()
+
+
+class StackError(RuntimeError):
+    """A service could not be started; the message names it and quotes its log."""
+
+
+@dataclass(frozen=True)
+class Service:
+    """A running server: what to stop (pid), where clients connect (port), what they need (env)."""
+
+    name: str
+    pid: int
+    port: int
+    env: dict[str, str]
+
+
+def _ephemeral_low() -> int:
+    """Start of the kernel's ephemeral range: client sockets take ports from there on."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(below: int | None = None) -> int:
+    """A free loopback port below the ephemeral range, never the same one twice in a process.
+
+    Ports the kernel hands to outgoing connections (our own probes included) can never collide
+    with these, which random bind-to-0 ports could.
+    """
+    import random
+
+    high = min(below or _ephemeral_low(), _ephemeral_low())
+    with _PORT_LOCK:
+        for _ in range(1000):
+            port = random.randrange(PORT_FLOOR, high)
+            if port not in _HANDED_OUT and _port_free(port):
+                _HANDED_OUT.add(port)
+                return port
+    raise StackError(f"no free port between {PORT_FLOOR} and {high}")
+
+
+def _seaweed_port() -> int:
+    """A free port whose gRPC twin (port + 10000) is free too."""
+    while True:
+        port = free_port(below=_ephemeral_low() - 10000)
+        with _PORT_LOCK:
+            if port + 10000 not in _HANDED_OUT and _port_free(port + 10000):
+                _HANDED_OUT.add(port + 10000)
+                return port
+
+
+def _port_free(port: int) -> bool:
+    """True if a server could listen on the port (SO_REUSEADDR ignores TIME_WAIT leftovers)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _require_free(name: str, *ports: int) -> None:
+    """Fail early: with a taken port the probe would reach someone else's server."""
+    for port in ports:
+        if not _port_free(port):
+            raise StackError(f"{name}: port {port} on {HOST} is already in use")
+
+
+def _tail(paths: Iterable[Path], lines: int = 20) -> str:
+    """The last lines of each non-empty log, for error messages (logs can be large)."""
+    parts = []
+    for path in paths:
+        if path.is_file() and path.stat().st_size:
+            with path.open("rb") as log:
+                log.seek(max(0, path.stat().st_size - 16_384))
+                text = log.read().decode(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- last lines of {path} ---\n" + "\n".join(text))
+    return "\n".join(parts) or "(no log output)"
+
+
+def _executable(name: str) -> str:
+    """A console script from this interpreter's environment, else from PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise StackError(f"{name} not found: install the project's dependencies (pip install .)")
+    return found
+
+
+def _apt_install(package: str) -> None:
+    """Install a Debian package on demand, so a fresh machine needs no manual step."""
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise StackError(f"{package} is not installed: run `sudo apt-get install -y {package}`")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "--no-install-recommends", package]
+    if subprocess.run(install, env=env, check=False).returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, check=False)
+        if subprocess.run(install, env=env, check=False).returncode != 0:
+            raise StackError(f"apt-get install {package} failed")
+
+
+def _spawn(cmd: Sequence[str], log: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    """Start a server in its own session (Ctrl-C in the caller's shell must not reach it)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            list(cmd),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    _CHILDREN[proc.pid] = proc
+    return proc
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process still runs (a zombie does not count)."""
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        return child.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
+def _is_ours(service: Service) -> bool:
+    """Alive and still the program we started (pids get reused after a reboot)."""
+    if not _alive(service.pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{service.pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return True
+    return COMMAND_MARKERS.get(service.name, service.name) in cmdline
+
+
+def _wait_ready(
+    name: str,
+    pid: int,
+    port: int,
+    probe: Callable[[], None],
+    logs: Sequence[Path],
+    timeout: float = START_TIMEOUT,
+) -> None:
+    """Poll until the port accepts connections and the protocol answers, or fail loudly.
+
+    The server is stopped on failure so that a failed start leaves nothing behind.
+    """
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            code = _CHILDREN[pid].returncode if pid in _CHILDREN else "?"
+            raise StackError(f"{name} exited during start-up (code {code})\n{_tail(logs)}")
+        try:
+            with socket.create_connection((HOST, port), timeout=1):
+                pass
+            probe()
+            return
+        except Exception as exc:  # any failure means "not ready yet"
+            last = exc
+            time.sleep(0.2)
+    stop_all([Service(name, pid, port, {})], timeout=5)
+    raise StackError(
+        f"{name} did not answer on {HOST}:{port} within {timeout:.0f} s ({last})\n{_tail(logs)}"
+    )
+
+
+def start_mongo(root: Path, port: int | None = None) -> Service:
+    """SecantusDB speaks the MongoDB wire protocol and keeps its WiredTiger files on disk."""
+    home = root.resolve() / "mongo"
+    port = port or free_port()
+    _require_free("mongodb", port)
+    log = home / "mongodb.log"
+    cmd = [_executable("secantusd-py"), "--host", HOST, "--port", str(port)]
+    proc = _spawn([*cmd, "--storage-path", str(home / "data")], log, home)
+    uri = f"mongodb://{HOST}:{port}"
+
+    def probe() -> None:
+        import pymongo
+
+        with pymongo.MongoClient(uri, serverSelectionTimeoutMS=1000) as client:
+            client.admin.command("ping")
+
+    _wait_ready("mongodb", proc.pid, port, probe, [log])
+    return Service("mongodb", proc.pid, port, {"CDC_MONGO_URI": uri, "CDC_MONGO_DB": SOURCE_DB})
+
+
+def _pg_bin() -> Path:
+    """The newest installed PostgreSQL's bin directory, installing Debian's if there is none."""
+
+    def newest() -> Path | None:
+        found = sorted(
+            Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+            key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+        )
+        return found[-1].parent if found else None
+
+    bin_dir = newest()
+    if bin_dir is None:
+        _apt_install("postgresql")
+        bin_dir = newest()
+    if bin_dir is None:
+        raise StackError("postgres: no pg_ctl under /usr/lib/postgresql/*/bin after install")
+    return bin_dir
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    """initdb and the server refuse to run as root: hand them to the postgres user."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def _traversable(path: Path) -> None:
+    """Let the postgres user reach `path` (adds only the o+x bit where it is missing)."""
+    for directory in [path, *path.parents]:
+        mode = directory.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            directory.chmod(mode | stat.S_IXOTH)
+
+
+def _socket_dir(path: Path) -> str:
+    """The -k value: our own directory, or none at all when the path is too long for a socket."""
+    if len(f"{path}/.s.PGSQL.65535") > UNIX_SOCKET_PATH_MAX:
+        return "''"
+    return shlex.quote(str(path))
+
+
+def start_postgres(root: Path, port: int | None = None) -> Service:
+    """Debian's PostgreSQL, initialised on first start, with the database `source` created."""
+    home = root.resolve() / "postgres"
+    port = port or free_port()
+    _require_free("postgres", port)
+    bin_dir = _pg_bin()
+    data, sockets, log = home / "data", home / "socket", home / "postgres.log"
+    sockets.mkdir(parents=True, exist_ok=True)
+    _traversable(home)
+    home.chmod(0o755)
+    if os.geteuid() == 0:
+        for path in (home, sockets):
+            shutil.chown(path, "postgres", "postgres")
+    if not (data / "PG_VERSION").exists():
+        initdb = [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"]
+        _run("postgres", _as_postgres([*initdb, "-E", "UTF8", "--locale=C"]), home / "initdb.log")
+    options = f"-p {port} -c listen_addresses={HOST} -k {_socket_dir(sockets)}"
+    pg_ctl = [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60"]
+    _run("postgres", _as_postgres([*pg_ctl, "-o", options, "start"]), home / "pg_ctl.log", log)
+    pid = int((data / "postmaster.pid").read_text().split()[0])
+    dsn = f"postgresql://postgres@{HOST}:{port}/{SOURCE_DB}"
+
+    def probe() -> None:
+        import psycopg2
+
+        conn = psycopg2.connect(host=HOST, port=port, user="postgres", dbname="postgres")
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (SOURCE_DB,))
+                if cur.fetchone() is None:
+                    cur.execute(f'CREATE DATABASE "{SOURCE_DB}"')
+        finally:
+            conn.close()
+
+    _wait_ready("postgres", pid, port, probe, [log])
+    return Service("postgres", pid, port, {"CDC_POSTGRES_DSN": dsn})
+
+
+def _run(name: str, cmd: list[str], output: Path, *logs: Path) -> None:
+    """Run a one-shot setup command; on failure quote its output and the server log."""
+    with output.open("wb") as out:
+        done = subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, check=False
+        )
+    if done.returncode != 0:
+        raise StackError(
+            f"{name}: `{shlex.join(cmd)}` failed (code {done.returncode})\n"
+            + _tail([output, *logs])
+        )
+
+
+def start_s3(root: Path, port: int | None = None, bucket: str = BUCKET) -> Service:
+    """SeaweedFS with its S3 gateway; the bucket exists and accepts writes when this returns."""
+    home = root.resolve() / "s3"
+    s3_port = port or _seaweed_port()
+    if s3_port >= SEAWEED_PORT_LIMIT:
+        raise StackError(f"s3: port {s3_port} too high (its gRPC port is port + 10000)")
+    master, volume, filer = _seaweed_port(), _seaweed_port(), _seaweed_port()
+    http_ports = (master, volume, filer, s3_port)
+    _require_free("s3", *http_ports, *(p + 10000 for p in http_ports))
+    (home / "data").mkdir(parents=True, exist_ok=True)
+    log = home / "weed.log"
+    cmd = [
+        _executable("weed"),
+        "server",
+        "-s3",
+        f"-ip={HOST}",
+        f"-ip.bind={HOST}",
+        f"-dir={home / 'data'}",
+        f"-master.port={master}",
+        f"-volume.port={volume}",
+        f"-filer.port={filer}",
+        f"-s3.port={s3_port}",
+        # without these two it binds the fixed ports 8181 and 9101
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-master.volumeSizeLimitMB=64",
+        "-metricsPort=0",
+        # a restarted single master otherwise waits 10+ s to re-elect itself
+        "-master.electionTimeout=1s",
+        "-volume.preStopSeconds=0",
+        "-master.telemetry=false",
+    ]
+    proc = _spawn(cmd, log, home)
+
+    def probe() -> None:
+        _make_bucket(f"{HOST}:{s3_port}", bucket)
+
+    _wait_ready("s3", proc.pid, s3_port, probe, [log])
+    env = {
+        "CDC_STAGING_URL": f"s3://{bucket}/",
+        "CDC_S3_ENDPOINT": f"{HOST}:{s3_port}",
+        "CDC_S3_ACCESS_KEY": S3_ACCESS_KEY,
+        "CDC_S3_SECRET_KEY": S3_SECRET_KEY,
+        "CDC_S3_SECURE": "false",
+    }
+    return Service("s3", proc.pid, s3_port, env)
+
+
+def _make_bucket(endpoint: str, bucket: str) -> None:
+    """Create the bucket if needed and prove a write works.
+
+    The S3 port opens before the filer and volume server are ready, and the first write can
+    wait ~5 s for the volume server to register; better here than in the first pipeline run.
+    """
+    import io
+
+    import urllib3
+    from minio import Minio
+
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=1, read=15), retries=urllib3.Retry(total=0)
+    )
+    client = Minio(endpoint, S3_ACCESS_KEY, S3_SECRET_KEY, secure=False, http_client=http)
+    try:
+        if not client.bucket_exists(bucket):
+            client.make_bucket(bucket)
+        client.put_object(bucket, ".stack-probe", io.BytesIO(b"ok"), 2)
+        client.remove_object(bucket, ".stack-probe")
+    finally:
+        http.clear()
+
+
+def _clickhouse_server() -> str:
+    """Debian's clickhouse-server, installed on demand."""
+    found = shutil.which("clickhouse-server") or shutil.which("clickhouse-server", path="/usr/sbin")
+    if found is None:
+        _apt_install("clickhouse-server")
+        found = shutil.which("clickhouse-server", path="/usr/sbin:/usr/bin")
+    if found is None or not CLICKHOUSE_CONFIG.exists():
+        raise StackError(f"clickhouse: no clickhouse-server binary or {CLICKHOUSE_CONFIG}")
+    return found
+
+
+def start_clickhouse(root: Path, port: int | None = None) -> Service:
+    """A ClickHouse server on the native port; every path it writes is moved under root."""
+    home = root.resolve() / "clickhouse"
+    data = home / "data"
+    tcp = port or free_port()
+    http, interserver = free_port(), free_port()
+    _require_free("clickhouse", tcp, http, interserver)
+    data.mkdir(parents=True, exist_ok=True)
+    log, errors, stdout = home / "clickhouse.log", home / "clickhouse.err.log", home / "stdout.log"
+    cmd = [
+        _clickhouse_server(),
+        f"--config-file={CLICKHOUSE_CONFIG}",
+        "--",
+        f"--path={data}/",
+        f"--tmp_path={data}/tmp/",
+        f"--user_files_path={data}/user_files/",
+        f"--format_schema_path={data}/format_schemas/",
+        f"--user_directories.local_directory.path={data}/access/",
+        f"--tcp_port={tcp}",
+        f"--http_port={http}",
+        f"--interserver_http_port={interserver}",
+        f"--listen_host={HOST}",
+        f"--logger.log={log}",
+        f"--logger.errorlog={errors}",
+    ]
+    proc = _spawn(cmd, stdout, home)
+
+    def probe() -> None:
+        from clickhouse_driver import Client
+
+        client = Client(host=HOST, port=tcp, user="default", password="", connect_timeout=1)
+        try:
+            client.execute("SELECT 1")
+        finally:
+            client.disconnect()
+
+    _wait_ready("clickhouse", proc.pid, tcp, probe, [stdout, errors])
+    url = f"clickhouse://default:@{HOST}:{tcp}"
+    return Service("clickhouse", proc.pid, tcp, {"CDC_WAREHOUSE_URL": url})
+
+
+def start_luigid(root: Path, port: int | None = None) -> Service:
+    """The Luigi scheduler and its UI; it runs in the foreground, so its pid is ours to stop."""
+    home = root.resolve() / "luigid"
+    port = port or free_port()
+    _require_free("luigid", port)
+    home.mkdir(parents=True, exist_ok=True)
+    cmd = [_executable("luigid"), "--address", HOST, "--port", str(port)]
+    cmd += ["--logdir", str(home), "--state-path", str(home / "state.pickle")]
+    log = home / "stdout.log"
+    proc = _spawn(cmd, log, home)
+    url = f"http://{HOST}:{port}"
+
+    def probe() -> None:
+        with urllib.request.urlopen(f"{url}/api/task_list?data=%7B%7D", timeout=2) as reply:
+            json.load(reply)
+
+    _wait_ready("luigid", proc.pid, port, probe, [log, home / "luigi-server.log"])
+    return Service("luigid", proc.pid, port, {"LUIGID_URL": url})
+
+
+STARTERS: dict[str, Callable[[Path], Service]] = {
+    "mongodb": start_mongo,
+    "postgres": start_postgres,
+    "s3": start_s3,
+    "clickhouse": start_clickhouse,
+    "luigid": start_luigid,
+}
+
+
+def start_services(root: Path, names: Iterable[str]) -> dict[str, Service]:
+    """Start several services in parallel (SeaweedFS alone takes ~3 s); all or none."""
+    names = list(names)
+    unknown = set(names) - STARTERS.keys()
+    if unknown:
+        raise StackError(f"unknown services {sorted(unknown)}; known: {sorted(STARTERS)}")
+    root.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=len(names) or 1) as pool:
+        futures = {name: pool.submit(STARTERS[name], root) for name in names}
+    started = {name: f.result() for name, f in futures.items() if f.exception() is None}
+    failures = [f.exception() for f in futures.values() if f.exception() is not None]
+    if failures:
+        stop_all(started.values())
+        raise StackError("\n\n".join(str(exc) for exc in failures))
+    return started
+
+
+def stop_all(services: Iterable[Service], timeout: float | None = None) -> None:
+    """Signal every service first, then wait for all: shutdowns overlap instead of adding up."""
+    pending = [s for s in services if _alive(s.pid)]
+    for service in pending:
+        _send(service.pid, STOP_SIGNALS.get(service.name, signal.SIGTERM))
+    for service in pending:
+        limit = timeout if timeout is not None else STOP_TIMEOUTS.get(service.name, STOP_TIMEOUT)
+        deadline = time.monotonic() + limit
+        while _alive(service.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(service.pid):
+            _send(service.pid, signal.SIGKILL)
+        _killpg(service.pid)
+        deadline = time.monotonic() + 5
+        while _alive(service.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _CHILDREN.pop(service.pid, None)
+
+
+def _send(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _killpg(pid: int) -> None:
+    """Kill helpers the server forked into its session (it was started as the group leader)."""
+    try:
+        if os.getpgid(pid) != pid:
+            return
+    except ProcessLookupError:
+        pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop(service: Service, timeout: float | None = None) -> None:
+    """Stop one service: its polite signal, then SIGKILL when `timeout` (per service) runs out."""
+    stop_all([service], timeout)
+
+
+def _services_file(root: Path) -> Path:
+    return root / "services.json"
+
+
+def _load(root: Path) -> tuple[str, list[Service]]:
+    """The warehouse kind and services recorded by the last `up` (none if there was none)."""
+    path = _services_file(root)
+    if not path.exists():
+        return "", []
+    record = json.loads(path.read_text())
+    return record["warehouse"], [Service(**item) for item in record["services"]]
+
+
+def read_env(path: Path) -> dict[str, str]:
+    """Parse an env file written by `up` (lines `export NAME=value`)."""
+    env = {}
+    for line in path.read_text().splitlines():
+        words = shlex.split(line, comments=True)
+        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+            key, value = words[1].split("=", 1)
+            env[key] = value
+    return env
+
+
+def _stack_env(root: Path, warehouse: str, services: Iterable[Service]) -> dict[str, str]:
+    """Every setting the pipeline needs; the ClickHouse service brings its own warehouse URL."""
+    env = {"CDC_DATABASE": DATABASE}
+    if warehouse == "chdb":
+        env["CDC_WAREHOUSE_URL"] = f"chdb://{root / 'warehouse'}"
+    for service in services:
+        env.update(service.env)
+    return dict(sorted(env.items()))
+
+
+def up(root: Path, warehouse: str = "chdb") -> dict[str, str]:
+    """Start the whole stack under root (or reuse a running one) and write root/env."""
+    if warehouse not in WAREHOUSES:
+        raise StackError(f"warehouse must be one of {WAREHOUSES}, got {warehouse!r}")
+    root = root.resolve()
+    running_warehouse, recorded = _load(root)
+    if recorded and running_warehouse == warehouse and all(_is_ours(s) for s in recorded):
+        pids = ", ".join(f"{s.name} {s.pid}" for s in recorded)
+        print(f"stack already running under {root} ({pids})", file=sys.stderr)
+        return read_env(root / "env")
+    if recorded:
+        dead = [s.name for s in recorded if not _is_ours(s)]
+        why = f"not running: {', '.join(dead)}" if dead else f"warehouse was {running_warehouse}"
+        print(f"restarting the stack under {root} ({why})", file=sys.stderr)
+        down(root)
+    names = [*CORE, *(["clickhouse"] if warehouse == "clickhouse" else []), "luigid"]
+    services = start_services(root, names)
+    ordered = [services[name] for name in names]
+    env = _stack_env(root, warehouse, ordered)
+    record = {"warehouse": warehouse, "services": [asdict(s) for s in ordered]}
+    _services_file(root).write_text(json.dumps(record, indent=2) + "\n")
+    lines = [f"export {key}={shlex.quote(value)}" for key, value in env.items()]
+    (root / "env").write_text("\n".join(lines) + "\n")
+    return env
+
+
+def down(root: Path) -> None:
+    """Stop everything `up` recorded; pids that already died or were reused are skipped."""
+    root = root.resolve()
+    _, recorded = _load(root)
+    stop_all([s for s in recorded if _is_ours(s)])
+    _services_file(root).unlink(missing_ok=True)
+    (root / "env").unlink(missing_ok=True)
+
+
+def status(root: Path) -> list[tuple[str, int, bool]]:
+    """(name, port, running) for each service recorded by `up`."""
+    _, recorded = _load(root.resolve())
+    return [(s.name, s.port, _is_ours(s)) for s in recorded]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m setup.stack", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("command", choices=("up", "down", "status"))
+    parser.add_argument("--root", type=Path, default=Path(".stack"), help="default: .stack")
+    parser.add_argument(
+        "--warehouse", choices=WAREHOUSES, help="default: the running stack's, else chdb"
+    )
+    args = parser.parse_args(argv)
+    root: Path = args.root
+    try:
+        if args.command == "up":
+            env = up(root, args.warehouse or _load(root.resolve())[0] or "chdb")
+            print(f"stack up; settings in {root / 'env'} (source it to use them)")
+            print(f"luigid UI: {env['LUIGID_URL']}")
+        elif args.command == "down":
+            down(root)
+            print(f"stack under {root} stopped")
+        else:
+            rows = status(root)
+            if not rows:
+                print(f"no stack recorded under {root}")
+            for name, port, running in rows:
+                print(f"{name:<11} port {port:<6} {'up' if running else 'DOWN'}")
+            return 0 if rows and all(running for _, _, running in rows) else 1
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

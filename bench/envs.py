@@ -15,6 +15,9 @@ from pathlib import Path
 
 DLT_VERSION = "1.31.0"
 PYMONGOARROW_VERSION = "1.15.0"
+# pymongoarrow 1.15 builds against pyarrow 25.0.x only; with a newer pyarrow in the project the
+# floors take the newest 25.0 (the bench prints the versions both sides ran)
+PYMONGOARROW_PYARROW = (25, 0)
 ADBC_VERSION = "1.13.0"
 PY_SPY_VERSION = "0.4.3"
 MARKER = ".bench-requirements"
@@ -24,9 +27,18 @@ def _ours(name: str) -> str:
     return f"{name}=={metadata.version(name)}"
 
 
+def floors_pyarrow() -> str:
+    """The project's pyarrow, unless pymongoarrow cannot take it."""
+    ours = tuple(int(p) for p in metadata.version("pyarrow").split(".")[:2])
+    if ours == PYMONGOARROW_PYARROW:
+        return _ours("pyarrow")
+    major, minor = PYMONGOARROW_PYARROW
+    return f"pyarrow>={major}.{minor},<{major}.{minor + 1}"
+
+
 def floors_requirements() -> list[str]:
     return [
-        _ours("pyarrow"),
+        floors_pyarrow(),
         _ours("pymongo"),
         _ours("psycopg2-binary"),
         _ours("minio"),

@@ -76,7 +76,7 @@ def _load_setup(name: str) -> ModuleType:
 
 
 def batch_id() -> str:
-    """Same format as pipeline.tasks.new_batch_id, without importing Luigi here."""
+    """Same format as pipeline.core.batch.new_batch_id, without importing the package here."""
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
 
 
@@ -480,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         except RuntimeError as exc:
             bench.notes.append(f"floors venv unavailable, floors skipped: {exc}")
+        else:
+            pyarrow = envs.floors_pyarrow()
+            if "<" in pyarrow:
+                bench.notes.append(f"floors run {pyarrow}: pymongoarrow cannot take ours")
         peers = not args.no_peers
         if peers:
             try:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 Source = Literal["mongo", "postgres"]
-Mode = Literal["full", "incremental"]
+Mode = Literal["full", "incremental", "log", "changestream"]
+# modes that read a database's log of changes instead of its rows
+CHANGE_MODES: tuple[Mode, ...] = ("log", "changestream")
 Strategy = Literal["check", "timestamp"]
 HardDeletes = Literal["ignore", "invalidate", "new_record"]
 # a stage as the markers (`_cdc_batches`) and the run audit (`_cdc_runs`) name it

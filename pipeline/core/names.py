@@ -15,8 +15,26 @@ BATCHES = "_cdc_batches"  # stage markers: a row per (entity, stage, batch) that
 STATE = "_cdc_state"  # PostgreSQL watermarks, a row per loaded batch
 RUNS = "_cdc_runs"  # the run audit, a row per task run
 
-# columns every raw table has besides the source's own; a source field may not take these names
-RAW_META_COLUMNS = ("_batch_id", "_loaded_at", "_row_hash", "_check_hash", "_check_cols")
+# columns the raw load adds to every row
+LOAD_META_COLUMNS = ("_batch_id", "_loaded_at", "_row_hash", "_check_hash", "_check_cols")
+# columns a change source (a database log) stages with each change: the operation, its order
+# in the batch (`_seq`), where and when it was committed, and which columns it left unchanged
+OP, SEQ, UNCHANGED = "_op", "_seq", "_unchanged"
+CHANGE_TIME = {"log": "_commit_ts", "changestream": "_wall_time"}
+CHANGE_META_COLUMNS = (
+    OP,
+    SEQ,
+    "_lsn",
+    "_commit_ts",
+    "_xid",
+    "_cluster_time",
+    "_wall_time",
+    UNCHANGED,
+)
+# `_op` of the rows of a whole re-read (a first load or a resync) of a change entity
+SCAN_OP = "scan"
+# columns of a raw table that are not the source's own; a source field may not take these names
+RAW_META_COLUMNS = LOAD_META_COLUMNS + CHANGE_META_COLUMNS
 EXTRA_COLUMN = "_extra"  # MongoDB fields that are not columns, as canonical JSON
 # the meta columns of a snapshot, as dbt names them (renamed by snapshot_meta_column_names)
 SNAPSHOT_META_COLUMNS = (

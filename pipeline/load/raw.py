@@ -16,9 +16,10 @@ from pipeline.config import Entity
 from pipeline.core.errors import LoadError
 from pipeline.core.hashing import check_signature, encode_key, row_hash
 from pipeline.core.manifest import Manifest
-from pipeline.core.names import RAW_META_COLUMNS
+from pipeline.core.names import LOAD_META_COLUMNS, RAW_META_COLUMNS
 from pipeline.load.drift import align
 from pipeline.load.retention import ttl_clause
+from pipeline.load.unchanged import fill_unchanged
 from pipeline.staging import Store, read_parts
 from pipeline.state import StageResult, failpoint
 from pipeline.warehouse import Warehouse, arrow_to_clickhouse, qualified, quote_ident
@@ -38,7 +39,7 @@ def ensure_raw_table(wh: Warehouse, database: str, entity: Entity, schema: pa.Sc
     cols = ", ".join(
         f"{quote_ident(f.name)} {arrow_to_clickhouse(f.type, wh.features)}"
         for f in schema
-        if f.name not in META_COLUMNS
+        if f.name not in LOAD_META_COLUMNS
     )
     ts = wh.features.timestamp_type
     wh.execute(
@@ -144,7 +145,7 @@ def load_batch(
     import pyarrow.compute as pc
 
     loaded_at = datetime.now(UTC)
-    lower = manifest.window.get("lower") if not manifest.full_scan else None
+    lower = manifest.window.get("lower") if entity.incremental else None
     skip: pa.Array | None = None
     rows_in = rows_out = 0
     discard_partial(wh, database, entity.raw_table, manifest.batch_id)
@@ -157,6 +158,7 @@ def load_batch(
                 f"{entity.name} batch {manifest.batch_id}: unique_key column(s) {missing} missing"
             )
         part = align(wh, database, entity, _truncate_timestamps(part, wh))
+        part = fill_unchanged(wh, database, entity, part)
         sources = [c for c in part.column_names if c not in META_COLUMNS]
         part = with_check_hash(part, entity)
         part = part.append_column("_row_hash", _row_hashes(part, sources, entity))

@@ -17,7 +17,7 @@ from pipeline.warehouse import Warehouse, qualified
 
 def ttl_clause(wh: Warehouse, entity: Entity) -> str:
     """Raw retention as a TTL clause, for full-scan entities on servers that have TTL."""
-    if entity.incremental or entity.raw_retention_days <= 0 or not wh.features.ttl:
+    if entity.keeps_raw_history or entity.raw_retention_days <= 0 or not wh.features.ttl:
         return ""
     seconds = int(entity.raw_retention_days * 86400)
     return f" TTL toDateTime(_loaded_at) + INTERVAL {seconds} SECOND"
@@ -52,7 +52,7 @@ def apply_retention(wh: Warehouse, database: str, entity: Entity) -> list[int]:
     """Bound the growth of full-scan raw copies and reconciliation key lists."""
     now = datetime.now(UTC)
     dropped = []
-    if not entity.incremental and not wh.features.ttl:
+    if not entity.keeps_raw_history and not wh.features.ttl:
         dropped += drop_expired_partitions(
             wh, database, entity.raw_table, entity.raw_retention_days, now
         )

@@ -1,0 +1,130 @@
+"""Values a change left out: filled from the key's previous row before the change is loaded.
+
+PostgreSQL's log sends a large (TOASTed) column that an UPDATE did not touch as "unchanged",
+without its value, even under REPLICA IDENTITY FULL. The change source stages such a column as
+NULL and names it in `_unchanged`; here it takes the value of the key's previous row: an
+earlier change of the same batch, or else the newest raw row of the key (every earlier
+change, the first load included, is in raw, already filled). Never NULL, never an error.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import Entity
+from pipeline.core.errors import LoadError
+from pipeline.core.hashing import encode_key
+from pipeline.core.names import SEQ, UNCHANGED
+from pipeline.warehouse import Warehouse, qualified, quote_ident
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+KEYS_PER_QUERY = 5_000
+
+
+def _marked(part: pa.Table) -> list[set[str]]:
+    return [set(m.split(",")) if m else set() for m in part.column(UNCHANGED).to_pylist()]
+
+
+def fill_unchanged(wh: Warehouse, database: str, entity: Entity, part: pa.Table) -> pa.Table:
+    """`part` with every column its rows mark unchanged filled in (see the module docstring)."""
+    import pyarrow as pa
+
+    if UNCHANGED not in part.column_names:
+        return part
+    marks = _marked(part)
+    names = sorted(set().union(*marks))
+    if not names:
+        return part
+    encoded = encode_key(part, entity.unique_key)
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks()
+    keys = encoded.to_pylist()
+    seqs = part.column(SEQ).to_pylist()
+    order = sorted(range(part.num_rows), key=lambda i: (keys[i], seqs[i]))
+    columns = {name: part.column(name).to_pylist() for name in names}
+    missing: dict[str, list[int]] = {name: [] for name in names}
+    for name in names:
+        values, known = columns[name], dict[str, Any]()
+        for row in order:
+            if name in marks[row]:
+                if keys[row] in known:
+                    values[row] = known[keys[row]]
+                else:
+                    missing[name].append(row)
+            known[keys[row]] = values[row]
+    _from_raw(wh, database, entity, part, keys, columns, missing)
+    for name in names:
+        index = part.column_names.index(name)
+        typed = pa.array(columns[name], part.schema.field(name).type)
+        part = part.set_column(index, part.schema.field(name), typed)
+    return part
+
+
+def _from_raw(
+    wh: Warehouse,
+    database: str,
+    entity: Entity,
+    part: pa.Table,
+    keys: list[str],
+    columns: dict[str, list[Any]],
+    missing: dict[str, list[int]],
+) -> None:
+    """Fill the rows whose previous value is in an earlier load, from the newest raw row."""
+    rows = sorted({row for found in missing.values() for row in found})
+    if not rows:
+        return
+    names = [n for n in columns if missing[n]]
+    key_cols = list(entity.unique_key)
+    key_values = part.select(key_cols).take(rows).to_pylist()
+    wanted = {keys[row]: tuple(key_values[i][k] for k in key_cols) for i, row in enumerate(rows)}
+    latest: dict[str, dict[str, Any]] = {}
+    pending = list(wanted.items())
+    for start in range(0, len(pending), KEYS_PER_QUERY):
+        chunk = pending[start : start + KEYS_PER_QUERY]
+        for found in _latest(wh, database, entity, names, [v for _, v in chunk]):
+            latest[_encode(found, entity)] = found
+    for name in names:
+        for row in missing[name]:
+            previous = latest.get(keys[row])
+            if previous is None:
+                raise LoadError(
+                    f"{entity.name}: column {name!r} of key {wanted[keys[row]]} was sent"
+                    " unchanged, but no earlier row of the key was loaded to take it from",
+                    entity=entity.name,
+                )
+            columns[name][row] = previous[name]
+
+
+def _latest(
+    wh: Warehouse,
+    database: str,
+    entity: Entity,
+    names: list[str],
+    key_values: list[tuple[Any, ...]],
+) -> list[dict[str, Any]]:
+    """The newest loaded value of each column for each key (changes are ordered by batch, then
+    `_seq`; a first load sorts before the changes of its batch)."""
+    key_cols = ", ".join(quote_ident(k) for k in entity.unique_key)
+    latest = ", ".join(
+        f"argMax({quote_ident(n)}, tuple(_batch_id, {SEQ})) AS {quote_ident(n)}" for n in names
+    )
+    one = len(entity.unique_key) == 1
+    values = [v[0] for v in key_values] if one else key_values
+    table = wh.query_arrow(
+        f"SELECT {key_cols}, {latest} FROM {qualified(database, entity.raw_table)}"
+        f" WHERE ({key_cols}) IN %(keys)s GROUP BY {key_cols}",
+        {"keys": tuple(values)},
+    )
+    found: list[dict[str, Any]] = table.to_pylist()
+    return found
+
+
+def _encode(row: dict[str, Any], entity: Entity) -> str:
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist([{k: row[k] for k in entity.unique_key}])
+    encoded = encode_key(table, entity.unique_key)
+    value: str = encoded[0].as_py()
+    return value

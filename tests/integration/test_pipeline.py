@@ -16,8 +16,8 @@ from luigi.execution_summary import LuigiStatusCode
 from pipeline import runtime
 from setup.generate_data import generate
 from tests.conftest import Env
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 USERS, PRODUCTS, ORDERS = 60, 8, 150
 
 
@@ -200,32 +200,3 @@ def test_luigi_command_line_exit_codes(
     bad = subprocess.run(cmd, cwd=ROOT, env=values, capture_output=True, text=True, timeout=300)
     assert bad.returncode not in (0, None)
     assert "no-such-bucket" in bad.stderr
-
-
-def test_crash_in_the_middle_of_a_load_leaves_one_copy(
-    env: Env, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from luigi.configuration import get_config
-
-    config = get_config()
-    saved = {key: config.get("cdc", key) for key in ("part_rows", "batch_rows")}
-    config.set("cdc", "part_rows", "20")
-    config.set("cdc", "batch_rows", "20")
-    runtime.reset()
-    try:
-        monkeypatch.setenv("CDC_FAILPOINT", "raw-after-part")
-        batch, status = env.run()
-        assert status != LuigiStatusCode.SUCCESS
-        assert env.count("raw_users", f"WHERE _batch_id = '{batch}'") == 20  # one part landed
-        monkeypatch.delenv("CDC_FAILPOINT")
-        _, status = env.run(batch)
-        assert status == LuigiStatusCode.SUCCESS
-        copies = env.rows(
-            "SELECT count(), uniqExact(_id) FROM {db}.raw_users WHERE _batch_id = %(b)s",
-            {"b": batch},
-        )
-        assert copies == [(USERS, USERS)]
-    finally:
-        for key, value in saved.items():
-            config.set("cdc", key, value)
-        runtime.reset()

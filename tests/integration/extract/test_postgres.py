@@ -27,11 +27,11 @@ from psycopg2 import sql
 
 from pipeline import runtime
 from pipeline.core.batch import new_batch_id
-from pipeline.extract import pg_types, postgres
+from pipeline.extract import postgres
 from pipeline.extract.pg_copy import PostgresSourceError
 from pipeline.graph import LoadRaw
 from pipeline.state import load_watermark
-from tests.load_hashes import hash_mismatches
+from tests.support.load_hashes import hash_mismatches
 
 CONFIG = """
 [core]
@@ -511,17 +511,3 @@ def test_nulls_empty_strings_and_wide_rows_in_one_column(pg: str) -> None:
     _execute(pg, "CREATE TABLE t (v text)")
     _execute(pg, "INSERT INTO t VALUES (NULL), (''), ('x'), (%s), (NULL)", (wide,))
     assert [r["v"] for r in _read_all(pg, "t", None)] == [None, "", "x", wide, None]
-
-
-@pytest.mark.parametrize(
-    ("text", "canonical"),
-    [
-        ('{"b": [1.50, 2], "a": {"d": 1e5, "c": -0.0}}', '{"a":{"c":-0.0,"d":1e5},"b":[1.50,2]}'),
-        ('{"k": "\\ue000 1.5", "n": 1.50}', '{"k":"\ue000 1.5","n":1.50}'),
-        ('{"k": "\ue000", "n": 1.50}', '{"k":"\ue000","n":1.50}'),
-        ('"\\u00e9\\n"', '"é\\n"'),
-        ("12345678901234567890.123456789", "12345678901234567890.123456789"),
-    ],
-)
-def test_canonical_json_keeps_numbers_exact(text: str, canonical: str) -> None:
-    assert pg_types.canonical_json(text) == canonical

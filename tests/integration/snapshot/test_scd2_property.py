@@ -1,9 +1,10 @@
-"""The SCD2 engine against an independent oracle (tests/scd2_oracle.py) on the real warehouses.
+"""The SCD2 engine against an independent oracle (tests/support/scd2_oracle.py) on real warehouses.
 
 Hypothesis drives random sequences of source states (inserts, updates to checked and unchecked
-columns, NULLs, deletes, revivals, optional crashes between opening and closing versions)
-through raw tables and `apply_batch` on chDB and on the ClickHouse server, for every strategy
-and every hard_deletes mode, and compares the snapshot view with the oracle's history.
+columns, NULLs, deletes, revivals: tests/support/scd2_scenarios.py; optional crashes between
+opening and closing versions) through raw tables and `apply_batch` on chDB and on the ClickHouse
+server, for every strategy and every hard_deletes mode, and compares the snapshot view with the
+oracle's history. The pure diff against the same oracle: tests/unit/snapshot/test_diff.py.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from unittest import mock
 
@@ -31,27 +31,28 @@ from pipeline.snapshot.merge import apply_batch
 from pipeline.snapshot.storage import Names
 from pipeline.state import ensure_tables, mark_done
 from pipeline.warehouse import Warehouse, connect, quote_ident
-from tests.scd2_oracle import Oracle, Version, invariant_problems
+from tests.support.scd2_scenarios import (
+    BASE,
+    CONFIGS,
+    HARD_DELETES,
+    MICROSECOND,
+    SECOND,
+    STEPS,
+    Step,
+    as_versions,
+    assert_history,
+    batch_id,
+    make_entity,
+    oracle_for,
+    schema_for,
+    source_states,
+)
 
 # examples per strategy x hard_deletes x warehouse: the default keeps the file under ~2 min on
 # 2 cores (every batch costs ~25 warehouse queries); SCD2_EXAMPLES=100 for a deep run
 EXAMPLES = int(os.environ.get("SCD2_EXAMPLES", "12"))
 # one bucket per merge, or one bucket per key
 BUCKET_SIZES = st.sampled_from([BUCKET_ROWS, BUCKET_ROWS, 1])
-BASE = datetime(2024, 1, 1, tzinfo=UTC)
-SECOND, MICROSECOND = timedelta(seconds=1), timedelta(microseconds=1)
-ENTITY = "item"
-CHECKED = ("name", "score")
-# single keys, and composite keys whose plain concatenations collide
-SINGLE_KEYS: tuple[tuple[Any, ...], ...] = ((1,), (2,), (3,), (4,))
-PAIR_KEYS: tuple[tuple[Any, ...], ...] = (("ab", "c"), ("a", "bc"), ("abc", ""), ("", "abc"))
-CONFIGS = {
-    "check-cols": dict(strategy="check", check_cols=CHECKED),
-    "check-all": dict(strategy="check", check_cols=None),
-    "timestamp": dict(strategy="timestamp", updated_at="updated_at"),
-}
-HARD_DELETES = ("ignore", "invalidate", "new_record")
-DELETE = "DELETE"
 
 
 @pytest.fixture(scope="module", params=["chdb", "clickhouse"])
@@ -76,122 +77,12 @@ def scratch_database(wh: Warehouse) -> Iterator[str]:
         wh.execute(f"DROP DATABASE IF EXISTS {quote_ident(database)}")
 
 
-# --- scenarios -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Step:
-    gap: int  # ticks (time_unit) since the previous batch
-    ops: dict[int, Any]  # key index -> DELETE or a patch {column: value, "age": ticks}
-    crash: bool  # hit the failpoint once, then rerun the batch
-
-
-NOTES = st.sampled_from([None, "x", "y"])
-AGES = st.integers(0, 4)  # updated_at = batch time - age ticks
-# an op on one key: a patch of any columns, a patch of unchecked columns only, or a delete;
-# a patch on an absent key inserts it (a deleted key comes back with its last values)
-OP = st.one_of(
-    st.fixed_dictionaries(
-        {},
-        optional={
-            "name": st.sampled_from([None, "", "null", "a", "b"]),
-            "score": st.one_of(st.none(), st.integers(-1, 2)),
-            "note": NOTES,
-            "age": AGES,
-        },
-    ),
-    st.fixed_dictionaries({"note": NOTES}, optional={"age": AGES}),
-    st.just(DELETE),
-)
-STEPS = st.lists(
-    st.builds(
-        Step,
-        gap=st.integers(1, 3),
-        ops=st.dictionaries(st.integers(0, 3), OP, min_size=1, max_size=4),
-        crash=st.sampled_from([False, False, False, False, True]),
-    ),
-    min_size=2,
-    max_size=6,
-)
-
-
-def make_entity(
-    config: str,
-    hard_deletes: str,
-    composite: bool,
-    guard: float = 1.0,
-    incremental: bool = False,
-) -> Entity:
-    return Entity(
-        name=ENTITY,
-        source="postgres" if incremental else "mongo",
-        object_name=ENTITY,
-        unique_key=("k1", "k2") if composite else ("id",),
-        hard_deletes=hard_deletes,
-        mode="incremental" if incremental else "full",
-        delete_guard=guard,
-        **CONFIGS[config],
-    )
-
-
-def schema_for(entity: Entity) -> pa.Schema:
-    if entity.unique_key == ("id",):
-        keys = [pa.field("id", pa.int64())]
-    else:
-        keys = [pa.field(k, pa.string()) for k in entity.unique_key]
-    return pa.schema(
-        [
-            *keys,
-            pa.field("name", pa.string()),
-            pa.field("score", pa.int64()),
-            pa.field("note", pa.string()),
-            pa.field("updated_at", pa.timestamp("us", "UTC")),
-        ]
-    )
-
-
-def source_states(
-    entity: Entity, steps: list[Step], tick: timedelta = SECOND
-) -> Iterator[tuple[datetime, list[dict[str, Any]], bool]]:
-    """(batch time, full extract, crash) per step: the source evolves by the steps' ops.
-
-    Times move in ticks: whole seconds, or microseconds where the warehouse keeps them."""
-    keys = SINGLE_KEYS if entity.unique_key == ("id",) else PAIR_KEYS
-    source: dict[int, dict[str, Any]] = {}
-    known: dict[int, dict[str, Any]] = {}  # last values of deleted keys: revivals reuse them
-    ts = BASE
-    for step in steps:
-        ts += step.gap * tick
-        for i, op in sorted(step.ops.items()):
-            if op == DELETE:
-                if i in source:
-                    known[i] = source.pop(i)
-                continue
-            row = dict(source.get(i) or known.get(i) or _blank(entity, keys[i]))
-            row.update({c: v for c, v in op.items() if c != "age"})
-            if "age" in op:
-                row["updated_at"] = ts - op["age"] * tick
-            elif row["updated_at"] is None and entity.strategy == "timestamp":
-                row["updated_at"] = ts
-            source[i] = row
-        yield ts, [dict(source[i]) for i in sorted(source)], step.crash
-
-
-def _blank(entity: Entity, key: tuple[Any, ...]) -> dict[str, Any]:
-    row: dict[str, Any] = dict(zip(entity.unique_key, key, strict=True))
-    return row | {"name": None, "score": None, "note": None, "updated_at": None}
-
-
 # --- driving the engine ----------------------------------------------------------------------
 
 
 def time_unit(wh: Warehouse) -> timedelta:
     """chDB keeps microseconds (DateTime64): use them; ClickHouse 18.16 keeps whole seconds."""
     return MICROSECOND if wh.features.datetime64 else SECOND
-
-
-def batch_id(ts: datetime) -> str:
-    return ts.strftime("%Y%m%dT%H%M%S%fZ")
 
 
 def load_raw(
@@ -261,109 +152,6 @@ def view_rows(wh: Warehouse, database: str, entity: Entity) -> list[dict[str, An
         return []
     order = ", ".join([*map(quote_ident, entity.unique_key), "dbt_valid_from"])
     return wh.query_arrow(f"SELECT * FROM {names.q_view} ORDER BY {order}").to_pylist()
-
-
-def as_versions(rows: list[dict[str, Any]], entity: Entity) -> list[Version]:
-    source = schema_for(entity).names
-    return [
-        Version(
-            key=tuple(r[k] for k in entity.unique_key),
-            values=tuple(sorted((c, _utc(r[c])) for c in source)),
-            updated_at=_utc(r["dbt_updated_at"]),
-            valid_from=_utc(r["dbt_valid_from"]),
-            valid_to=_utc(r["dbt_valid_to"]),
-            is_deleted=r.get("dbt_is_deleted"),
-        )
-        for r in rows
-    ]
-
-
-def _utc(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    return value
-
-
-def oracle_for(entity: Entity) -> Oracle:
-    return Oracle(
-        unique_key=entity.unique_key,
-        strategy=entity.strategy,
-        check_cols=entity.check_cols,
-        updated_at=entity.updated_at,
-        hard_deletes=entity.hard_deletes,
-    )
-
-
-def describe(versions: list[Version]) -> str:
-    def fmt(t: datetime | None) -> str:
-        return "-" if t is None else f"+{(t - BASE).total_seconds():g}s"
-
-    lines = []
-    for v in sorted(versions, key=lambda v: (repr(v.key), v.valid_from)):
-        values = {c: fmt(x) if c == "updated_at" and x else x for c, x in v.values}
-        values = {c: x for c, x in values.items() if c not in ("id", "k1", "k2")}
-        flag = f" deleted={v.is_deleted}" if v.is_deleted is not None else ""
-        lines.append(
-            f"  {v.key!r} [{fmt(v.valid_from)}, {fmt(v.valid_to)}) upd={fmt(v.updated_at)}"
-            f"{flag} {values}"
-        )
-    return "\n".join(lines)
-
-
-def assert_history(got: list[Version], expected: list[Version], entity: Entity) -> None:
-    gaps = entity.hard_deletes == "invalidate"
-    assert invariant_problems(got, gaps) == [], describe(got)
-    # Version holds unorderable values (None next to str): compare sorted text forms
-    if sorted(map(repr, got)) != sorted(map(repr, expected)):
-        pytest.fail(f"history differs\nengine:\n{describe(got)}\noracle:\n{describe(expected)}")
-
-
-# --- the oracle itself, by hand -------------------------------------------------------------
-
-
-def _at(seconds: int) -> datetime:
-    return BASE + timedelta(seconds=seconds)
-
-
-def _v(
-    key: int,
-    row: dict[str, Any],
-    start: int,
-    end: int | None,
-    updated: int,
-    deleted: str | None = None,
-) -> Version:
-    values = tuple(sorted({"id": key, **row}.items()))
-    stop = None if end is None else _at(end)
-    return Version((key,), values, _at(updated), _at(start), stop, deleted)
-
-
-def test_oracle_check_new_record_by_hand() -> None:
-    """Unchecked change: no version; NULL vs '': a version; delete: tombstone; revival."""
-    oracle = oracle_for(make_entity("check-cols", "new_record", composite=False))
-    a = {"name": "", "score": 1, "note": "x", "updated_at": None}
-    b = {**a, "note": "y"}  # unchecked column only
-    c = {**b, "name": None}  # '' -> NULL
-    for t, rows in ((1, [a]), (2, [b]), (3, [c]), (4, []), (5, []), (6, [c])):
-        oracle.apply([{"id": 1, **r} for r in rows], _at(t))
-    assert oracle.history() == [
-        _v(1, a, 1, 3, 1, "False"),
-        _v(1, c, 3, 4, 3, "False"),
-        _v(1, c, 4, 6, 4, "True"),
-        _v(1, c, 6, None, 6, "False"),
-    ]
-
-
-def test_oracle_timestamp_invalidate_by_hand() -> None:
-    """Not newer: ignored; newer: valid from updated_at; deleted, then back with an old
-    updated_at: valid from the batch time (after the closed window)."""
-    oracle = oracle_for(make_entity("timestamp", "invalidate", composite=False))
-    a = {"name": "a", "score": None, "note": None, "updated_at": _at(1)}
-    b = {**a, "name": "b"}  # same updated_at: ignored
-    c = {**a, "name": "c", "updated_at": _at(3)}
-    for t, rows in ((2, [a]), (3, [b]), (4, [c]), (6, []), (8, [a])):
-        oracle.apply([{"id": 1, **r} for r in rows], _at(t))
-    assert oracle.history() == [_v(1, a, 1, 3, 1), _v(1, c, 3, 6, 3), _v(1, a, 8, None, 1)]
 
 
 # --- the properties --------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""MongoDB extraction against the real server: BSON types, drift, `_extra`, `_id` ranges."""
+"""MongoDB extraction against the real server: BSON types, `_extra` and flatten, `_id` ranges.
+
+The BSON -> Arrow typing without a server: tests/unit/extract/test_documents.py."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pipeline import runtime
 from pipeline.core.batch import new_batch_id
 from pipeline.graph import LoadRaw
 from tests.conftest import Env
-from tests.load_hashes import hash_mismatches
+from tests.support.load_hashes import hash_mismatches
 
 
 def _load(env: Env, entity: str) -> str:
@@ -75,28 +77,6 @@ def test_every_bson_type_maps_to_its_documented_type(pipeline_env: Env) -> None:
     assert hash_mismatches(env.wh, env.database, runtime.settings().entity("types")) == []
 
 
-def test_drift_adds_columns_widens_types_and_loses_nothing(pipeline_env: Env) -> None:
-    env = pipeline_env
-    coll = env.mongo("drift")
-    coll.insert_many([{"_id": 1, "n": 1, "s": "a"}, {"_id": 2, "n": 2, "s": "b"}])
-    env.add_entity("drift", source="mongo", collection="drift", unique_key="_id")
-    _load(env, "drift")
-    coll.insert_many(
-        [{"_id": 3, "n": 2.5, "s": 3, "new": "x"}, {"_id": 4, "n": "many", "s": {"k": 1}}]
-    )
-    batch = _load(env, "drift")
-    rows = env.rows(
-        "SELECT _id, n, s, new FROM {db}.raw_drift WHERE _batch_id = %(b)s ORDER BY _id",
-        {"b": batch},
-    )
-    assert rows == [
-        (1, "1", "a", None),
-        (2, "2", "b", None),
-        (3, "2.5", "3", "x"),
-        (4, "many", '{"k":1}', None),
-    ]
-
-
 def test_unmapped_fields_land_in_extra_and_paths_flatten(pipeline_env: Env) -> None:
     env = pipeline_env
     env.mongo("people").insert_many(
@@ -148,41 +128,3 @@ def test_id_range_extraction_equals_a_single_scan(pipeline_env: Env, partitions:
     assert parts == [(1003,)] and single != ranged
     keys = env.rows("SELECT count(DISTINCT _id) FROM {db}.raw_items_ranged")
     assert keys == [(1003,)]
-
-
-def test_retention_prunes_staging_and_bounds_raw_growth(pipeline_env: Env) -> None:
-    from datetime import timedelta
-
-    import pyarrow as pa
-
-    from pipeline.staging import staged_batches
-
-    env = pipeline_env
-    env.mongo("events").insert_many([{"_id": i, "v": i} for i in range(5)])
-    env.add_entity(
-        "events", source="mongo", collection="events", unique_key="_id", raw_retention_days="30"
-    )
-    first = _load(env, "events")
-    old_batch = "20200101T000000Z"
-    runtime.store().put(f"mongo/events/batch={old_batch}/part-00000.parquet", b"old")
-    runtime.store().put(f"mongo/events/batch={old_batch}/_manifest.json", b"{}")
-    stale = env.wh.query_arrow(f"SELECT * FROM `{env.database}`.raw_events LIMIT 1")
-    long_ago = datetime.now(UTC) - timedelta(days=400)
-    for name, value in (
-        ("_batch_id", pa.array([old_batch])),
-        ("_loaded_at", pa.array([long_ago], pa.timestamp("us", "UTC"))),
-    ):
-        stale = stale.set_column(stale.column_names.index(name), name, value)
-    env.wh.insert_arrow(env.database, "raw_events", stale)
-    second = _load(env, "events")
-    assert set(staged_batches(runtime.store(), "mongo", "events")) == {first, second}
-    if env.wh.features.ttl:
-        ddl = env.rows(
-            "SELECT create_table_query FROM system.tables WHERE database = %(d)s"
-            " AND name = 'raw_events'",
-            {"d": env.database},
-        )
-        assert "TTL toDateTime(_loaded_at) + toIntervalSecond(2592000)" in ddl[0][0]
-    else:
-        batches = env.rows("SELECT DISTINCT _batch_id FROM {db}.raw_events ORDER BY _batch_id")
-        assert batches == [(first,), (second,)]  # the 400-day-old month was dropped

@@ -201,7 +201,7 @@ def test_check_cols_change_rehashes_the_batch_even_after_a_crash_in_it(env: Env)
     from luigi.configuration import get_config
 
     from pipeline.graph import LoadRaw
-    from tests.load_hashes import hash_mismatches
+    from tests.support.load_hashes import hash_mismatches
 
     _add_people(env, "state, occupation")
     assert env.build([Snapshot(entity="people", batch=new_batch_id())]) == LuigiStatusCode.SUCCESS

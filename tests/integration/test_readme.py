@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import subprocess
 import uuid
@@ -21,24 +20,11 @@ import pytest
 
 from setup import stack
 from setup.generate_data import generate
+from tests.support import ROOT
+from tests.support.readme import readme_blocks
 
-ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
 EXAMPLE_BATCH = "20261201T000000000000Z"
-_BLOCK = re.compile(
-    r"<!-- tested: (?P<name>[\w-]+)[^>]*-->\n(?P<indent> *)```\n(?P<body>.*?)\n *```", re.S
-)
 FOREIGN = ("LUIGID_URL", "CDC_ALERT_WEBHOOK", "CDC_FAILPOINT", "CDC_RUN_DIR", "CDC_ENV_FILE")
-
-
-def readme_blocks() -> dict[str, str]:
-    """Tested blocks by name, with the list-item indentation taken off."""
-    blocks = {}
-    for match in _BLOCK.finditer(README.read_text()):
-        indent = len(match.group("indent"))
-        lines = [line[indent:] for line in match.group("body").splitlines()]
-        blocks[match.group("name")] = "\n".join(lines) + "\n"
-    return blocks
 
 
 class Project:
@@ -107,10 +93,6 @@ def demo_run(project: Project) -> None:
         "set -a; source .stack/env; set +a\n"
         '.venv/bin/luigi --module pipeline RunAll --scheduler-url "$LUIGID_URL"'
     )
-
-
-def test_every_tested_block_is_found() -> None:
-    assert set(readme_blocks()) == {"cdc-check", "resume", "operations"}
 
 
 def test_seed_cdc_check_as_written(project: Project) -> None:

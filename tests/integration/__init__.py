@@ -1,0 +1,1 @@
+"""Tests against the real servers of the session (tests/conftest.py starts them)."""

@@ -1,0 +1,1 @@
+"""Tests with no server at all (enforced by conftest.py): `make unit`."""

@@ -90,7 +90,7 @@ def range_subdir(index: int) -> str:
 
 def check_name(name: str, what: str = "name") -> str:
     """Validate a database/table name from configuration: plain identifiers only."""
-    if not _IDENTIFIER.match(name):
+    if not _IDENTIFIER.fullmatch(name):  # `$` alone would let a trailing newline through
         raise ConfigError(f"invalid {what} {name!r}: use letters, digits and _ only")
     return name
 

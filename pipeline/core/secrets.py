@@ -42,7 +42,13 @@ def mask_dsn(url: str) -> str:
 
 def dsn_passwords(url: str) -> set[str]:
     """The passwords of a URL or DSN, as written and decoded."""
-    found = {m.group("value").strip("'") for m in PAIR_PASSWORD.finditer(url)}
+    found = set()
+    for match in PAIR_PASSWORD.finditer(url):
+        value = match.group("value")
+        if value.startswith("'"):  # libpq: \' and \\ inside quotes
+            value = value[1:-1]
+            found.add(re.sub(r"\\(.)", r"\1", value))
+        found |= {value, unquote(value)}  # URL parameters are %XX-encoded
     try:
         password = urlsplit(url).password
     except ValueError:

@@ -4,8 +4,10 @@ A source reads one batch of an entity as Arrow record batches; the Extract task 
 and the framework, not the source, keeps state between batches: a source is handed the
 position the last loaded batch ended at (a PostgreSQL watermark, as ISO text) and reports the
 window of the batch it read, whose `upper` becomes the next position once the raw load has
-committed. Adding a source is one module with one `Source` subclass plus one line in
-`pipeline.extract.SOURCES`.
+committed. A source that reads a database's log (a replication slot, a change stream) stages
+each change with its operation and order (`pipeline.core.names.CHANGE_META_COLUMNS`) and is
+acknowledged only after that load. Adding a source is one module with one `Source` subclass
+plus one line in `pipeline.extract.SOURCES`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class Read:
 
     batches: Iterator[pa.RecordBatch]
     window: dict[str, str | None] = field(default_factory=dict)
-    read_seconds: float = 0.0  # spent before the first batch (pinning, snapshot, catalog)
+    whole: bool | None = None  # a whole re-read of the source (None: as the entity's mode says)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,12 @@ class Source(ABC):
     @abstractmethod
     def read(self) -> Read:
         """The batch's rows; the settings are checked against the source's columns first."""
+
+    def acknowledge(self, position: str) -> None:
+        """Tell the source that every change up to `position` is loaded (called once the raw
+        load of the batch has committed, and again before the next read, so a crash between
+        the two loses nothing). Sources without a log of their own keep nothing."""
+        return None
 
     def keys(self) -> Iterator[pa.RecordBatch]:
         """Every key the source holds (reconciliation of hard deletes)."""

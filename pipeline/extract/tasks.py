@@ -125,13 +125,15 @@ class Extract(EntityTask):
     def _stage(self, entity: Entity, manifest: Manifest) -> None:
         cfg = runtime.settings()
         position = None
-        if entity.incremental:
+        if entity.keeps_raw_history:
             position = load_position(runtime.warehouse(), cfg.database, entity.name)
         started = time.perf_counter()  # the position above is the warehouse's time
         source = open_source(entity, self.batch, position)
         read = source.read()
         self.read_seconds = time.perf_counter() - started
         manifest.window = read.window
+        if read.whole is not None:
+            manifest.full_scan = read.whole
         if entity.reconcile:
             keys = new_manifest(entity, self.batch)
             manifest.keys_rows = write_batch(

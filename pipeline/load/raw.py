@@ -16,7 +16,7 @@ from pipeline.config import Entity
 from pipeline.core.errors import LoadError
 from pipeline.core.hashing import check_signature, encode_key, row_hash
 from pipeline.core.manifest import Manifest
-from pipeline.core.names import LOAD_META_COLUMNS, RAW_META_COLUMNS
+from pipeline.core.names import LOAD_META_COLUMNS, OP, RAW_META_COLUMNS, SEQ
 from pipeline.load.drift import align
 from pipeline.load.retention import ttl_clause
 from pipeline.load.unchanged import fill_unchanged
@@ -37,7 +37,8 @@ def ensure_raw_table(wh: Warehouse, database: str, entity: Entity, schema: pa.Sc
     """Create the raw table on first load; later columns are added by `align`."""
     wh.create_database(database)
     cols = ", ".join(
-        f"{quote_ident(f.name)} {arrow_to_clickhouse(f.type, wh.features)}"
+        f"{quote_ident(f.name)}"
+        f" {arrow_to_clickhouse(f.type, wh.features, nullable=f.name not in (OP, SEQ))}"
         for f in schema
         if f.name not in LOAD_META_COLUMNS
     )

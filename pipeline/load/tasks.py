@@ -12,12 +12,12 @@ from pipeline.config import Entity
 from pipeline.core.batch import batch_time
 from pipeline.core.errors import BatchIdError
 from pipeline.core.names import KEYS_SUBDIR, batch_prefix
-from pipeline.extract.tasks import Extract
+from pipeline.extract.tasks import Extract, open_source
 from pipeline.load.keys import load_keys
 from pipeline.load.raw import load_batch
 from pipeline.load.retention import apply_retention
 from pipeline.staging import prune, read_manifest
-from pipeline.state import ensure_tables, save_watermark
+from pipeline.state import ensure_tables, save_position, save_watermark
 from pipeline.task import EntityTask, MarkerTarget
 
 log = logging.getLogger("pipeline")
@@ -48,7 +48,11 @@ class LoadRaw(EntityTask):
         upper = manifest.window.get("upper")
         if entity.incremental and upper:
             save_watermark(wh, cfg.database, entity.name, self.batch, datetime.fromisoformat(upper))
+        elif entity.captures_changes and upper:
+            save_position(wh, cfg.database, entity.name, self.batch, upper)
         self.record(result)
+        if entity.captures_changes and upper:  # the load committed: the source may let go
+            open_source(entity, self.batch).acknowledge(upper)
         self._retention(entity)
 
     def _retention(self, entity: Entity) -> None:

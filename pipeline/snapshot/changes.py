@@ -51,7 +51,7 @@ class _State:
 class _Out:
     """What the walk found, as columns."""
 
-    opened: list[tuple[Any, ...]] = field(default_factory=list)
+    opened: list[tuple[Any, ...] | None] = field(default_factory=list)  # None: voided
     closed: list[tuple[Any, ...]] = field(default_factory=list)
 
 
@@ -141,9 +141,18 @@ class _Walk:
             self.states[key] = _State(start, hashes[row], updates[row], deleted[row], None)
             self.stored[key] = row
 
+    def _born_here(self, state: _State) -> bool:
+        """Whether the state is a version this batch opened (not a stored one rewritten)."""
+        if state.opened is None:
+            return False
+        opened = self.out.opened[state.opened]
+        return opened is not None and opened[8] is None
+
     def close(self, key: str, state: _State, at: int) -> None:
         if state.opened is not None:  # opened by this batch: it ends where the next starts
-            row = list(self.out.opened[state.opened])
+            opened = self.out.opened[state.opened]
+            assert opened is not None
+            row = list(opened)
             row[3] = at
             self.out.opened[state.opened] = tuple(row)
         else:
@@ -194,6 +203,11 @@ class _Walk:
             at = time if time is not None else self.batch
             if self.spec.hard_deletes == "new_record":
                 self.open(key, seq, at, at, state.hash, tombstone=True)
+            elif state.opened is not None and self._born_here(state) and at <= state.valid_from:
+                # opened and deleted at one instant (one transaction): it never was history
+                self.out.opened[state.opened] = None
+                self.floors[key] = state.valid_from
+                del self.states[key]
             else:
                 end = max(at, state.valid_from + self.step)  # a window never ends as it starts
                 self.close(key, state, end)
@@ -258,20 +272,21 @@ def _tables(
 
     ts = pa.timestamp(*TS)
     key_cols = list(spec.unique_key)
+    opened_rows = [o for o in out.opened if o is not None]
     first: dict[str, int] = {}
     for row, key in enumerate(keys):
         first.setdefault(key, row)
-    change_rows = pa.array([first[o[0]] for o in out.opened], pa.int64())
+    change_rows = pa.array([first[o[0]] for o in opened_rows], pa.int64())
     opened = order.select(key_cols).take(change_rows)
     columns = {
-        "_seq": pa.array([o[1] for o in out.opened], pa.uint64()),
-        "dbt_valid_from": pa.array([o[2] for o in out.opened], pa.int64()).cast(ts),
-        "dbt_valid_to": pa.array([o[3] for o in out.opened], pa.int64()).cast(ts),
-        "dbt_updated_at": pa.array([o[4] for o in out.opened], pa.int64()).cast(ts),
-        "_hash": pa.array([o[5] for o in out.opened], pa.uint64()),
-        "_tombstone": pa.array([o[6] for o in out.opened], pa.bool_()),
-        "_from_seq": pa.array([o[7] for o in out.opened], pa.uint64()),
-        "_replaces": pa.array([o[8] is not None for o in out.opened], pa.bool_()),
+        "_seq": pa.array([o[1] for o in opened_rows], pa.uint64()),
+        "dbt_valid_from": pa.array([o[2] for o in opened_rows], pa.int64()).cast(ts),
+        "dbt_valid_to": pa.array([o[3] for o in opened_rows], pa.int64()).cast(ts),
+        "dbt_updated_at": pa.array([o[4] for o in opened_rows], pa.int64()).cast(ts),
+        "_hash": pa.array([o[5] for o in opened_rows], pa.uint64()),
+        "_tombstone": pa.array([o[6] for o in opened_rows], pa.bool_()),
+        "_from_seq": pa.array([o[7] for o in opened_rows], pa.uint64()),
+        "_replaces": pa.array([o[8] is not None for o in opened_rows], pa.bool_()),
     }
     for name, values in columns.items():
         opened = opened.append_column(name, values)
@@ -284,7 +299,7 @@ def _tables(
     openers: list[str | None] = [None] * opened.num_rows
     scd_ids = current.column("dbt_scd_id").to_pylist()
     opened_by = current.column("_opened_by").to_pylist()
-    for i, o in enumerate(out.opened):
+    for i, o in enumerate(opened_rows):
         if o[8] is not None:  # a stored version rewritten in place keeps its id and opener
             ids[i], openers[i] = scd_ids[o[8]], opened_by[o[8]]
     opened = opened.append_column("_keep_scd_id", pa.array(ids, pa.string()))

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 from pipeline.config import Entity
 from pipeline.core.errors import SnapshotError
 from pipeline.core.hashing import row_hash
+from pipeline.snapshot.apply import apply
 from pipeline.snapshot.invariants import BUCKET_ROWS, check_invariants
-from pipeline.snapshot.merge import apply_batch
 from pipeline.snapshot.storage import INTERNAL, Names, ensure_storage, ensure_view
 from pipeline.warehouse import Warehouse, qualified, quote_ident
 from pipeline.warehouse.ddl import swap_in
@@ -56,7 +56,7 @@ def rebuild(
     for batch in batches:
         if before_each is not None:
             before_each(batch)
-        apply_batch(wh, database, entity, batch, force_deletes, side, bucket_rows)
+        apply(wh, database, entity, batch, force_deletes, side, bucket_rows)
     if not wh.table_exists(database, side.storage):
         raise SnapshotError(f"{entity.name}: no raw batches to rebuild from", entity=entity.name)
     swap_in(wh, database, side.storage, live.storage)

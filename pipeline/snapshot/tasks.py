@@ -7,7 +7,7 @@ import luigi
 from pipeline import runtime
 from pipeline.load.rehash import ensure_current_hashes
 from pipeline.load.tasks import LoadRaw
-from pipeline.snapshot.merge import apply_batch
+from pipeline.snapshot.apply import apply
 from pipeline.task import EntityTask, MarkerTarget
 
 
@@ -29,7 +29,7 @@ class Snapshot(EntityTask):
         wh = runtime.warehouse()
         # the raw table's writer gives the batch hashes of the current check_cols first
         ensure_current_hashes(wh, cfg.database, entity, self.batch, cfg.merge_bucket_rows)
-        result = apply_batch(
+        result = apply(
             wh,
             cfg.database,
             entity,

@@ -1,0 +1,27 @@
+"""Which merge a batch takes: a batch of changes, or a whole extract (a full scan, a window of
+an incremental table, the first load or a resync of a change entity)."""
+
+from __future__ import annotations
+
+from pipeline.config import Entity
+from pipeline.snapshot.change_merge import apply_change_batch, is_scan_batch
+from pipeline.snapshot.invariants import BUCKET_ROWS
+from pipeline.snapshot.merge import apply_batch
+from pipeline.snapshot.storage import Names
+from pipeline.state import StageResult
+from pipeline.warehouse import Warehouse
+
+
+def apply(
+    wh: Warehouse,
+    database: str,
+    entity: Entity,
+    batch_id: str,
+    force_deletes: bool = False,
+    names: Names | None = None,
+    bucket_rows: int = BUCKET_ROWS,
+) -> StageResult:
+    """Apply one loaded raw batch to the entity's history (see `merge` and `change_merge`)."""
+    if entity.captures_changes and not is_scan_batch(wh, database, entity, batch_id):
+        return apply_change_batch(wh, database, entity, batch_id, names, bucket_rows)
+    return apply_batch(wh, database, entity, batch_id, force_deletes, names, bucket_rows)

@@ -1,0 +1,199 @@
+"""The merge of a change batch: every change of a key, in commit order, becomes history.
+
+    order      batches apply in batch order (as in `merge`)
+    prepare    storage, view and settings ready (as in `merge`)
+    diff       bucket by bucket: the batch's changes and each touched key's live version reach
+               `changes.diff_changes`, which parks the versions to open and close
+    write      opens copied from their change rows, deletion versions, then closes
+    verify     the invariants of the keys the batch touched
+
+A rerun of a crashed batch is exact for the same reason as in `merge`: the history before the
+batch is read by batch ids, and writing the same versions again is absorbed by the key.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from pipeline.config import Entity
+from pipeline.core.errors import InvariantError, SnapshotError
+from pipeline.core.names import OP, SCAN_OP
+from pipeline.snapshot.change_plan import ChangePlan
+from pipeline.snapshot.changes import ChangeDiff, diff_changes
+from pipeline.snapshot.diff import spec_for
+from pipeline.snapshot.invariants import BUCKET_ROWS, FULL_CHECK_SHARE, check_invariants
+from pipeline.snapshot.merge import Batch, check_order, prepare
+from pipeline.snapshot.plan import Parking, groups
+from pipeline.snapshot.storage import Names, effective_time
+from pipeline.state import StageResult, failpoint
+from pipeline.warehouse import Warehouse, qualified
+from pipeline.warehouse.buckets import Buckets
+from pipeline.warehouse.sql import render
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+def is_scan_batch(wh: Warehouse, database: str, entity: Entity, batch_id: str) -> bool:
+    """Whether a change entity's batch is a whole re-read (a first load or a resync), which
+    the full-scan merge applies, rather than a batch of changes."""
+    if not wh.table_exists(database, entity.raw_table):
+        return False
+    found = wh.scalar(
+        f"SELECT count() FROM {qualified(database, entity.raw_table)}"
+        f" WHERE _batch_id = %(b)s AND {OP} = %(op)s",
+        {"b": batch_id, "op": SCAN_OP},
+    )
+    return bool(found)
+
+
+class Parked:
+    """A change batch's versions parked per bucket until every bucket is diffed."""
+
+    def __init__(self, wh: Warehouse, sql: ChangePlan) -> None:
+        self.wh, self.sql = wh, sql
+        self.opened: dict[int, int] = {}
+        self.closed: dict[int, int] = {}
+        self.ended_in_batch = 0
+        self.created = False
+
+    def add(self, bucket: int, d: ChangeDiff) -> None:
+        import pyarrow as pa
+
+        if d.empty:
+            return
+        if not self.created:
+            for statement in self.sql.create_sqls():
+                self.wh.execute(statement)
+            self.created = True
+        flags = {"_tombstone", "_replaces"}
+        opened = d.opened.drop_columns(["_hash"])  # the hash is copied from the change row
+        for name in flags:
+            index = opened.column_names.index(name)
+            opened = opened.set_column(index, name, opened.column(name).cast(pa.uint8()))
+        closed = d.closed.append_column(
+            "_tombstone", pa.repeat(pa.scalar(0, pa.uint8()), d.closed.num_rows)
+        )
+        database = self.sql.plan.names.database
+        for table, data, counts in (
+            (self.sql.open_table, opened, self.opened),
+            (self.sql.close_table, closed, self.closed),
+        ):
+            if data.num_rows:
+                counts[bucket] = data.num_rows
+                tagged = data.append_column(
+                    "_bucket", pa.repeat(pa.scalar(bucket, pa.uint32()), data.num_rows)
+                )
+                self.wh.insert_arrow(database, table, tagged)
+        self.ended_in_batch += d.opened.num_rows - d.opened.column("dbt_valid_to").null_count
+
+    def drop(self) -> None:
+        if self.created:
+            for statement in self.sql.drop_sqls():
+                self.wh.execute(statement)
+
+
+def _diff(
+    wh: Warehouse, batch: Batch, sql: ChangePlan, buckets: Buckets, parked: Parked, step: int
+) -> None:
+    """Diff each bucket's changes against its keys' live versions and park the result."""
+    plan = batch.plan
+    spec = spec_for(plan.entity)
+    batch_ts = effective_time(wh, plan.names, plan.batch_id)
+    for bucket in range(buckets.count):
+        where = buckets.where(bucket)
+        changes = wh.query_arrow(sql.changes_sql(where), plan.params)
+        if not changes.num_rows:
+            continue
+        _refuse_null_keys(plan.entity, changes, plan.batch_id)
+        current = wh.query_arrow(sql.current_sql(where), plan.params)
+        ended_sql = sql.ended_sql(where)
+        ended: pa.Table | None = wh.query_arrow(ended_sql, plan.params) if ended_sql else None
+        d = diff_changes(spec, current, changes, batch_ts, plan.entity.collapse, ended, step)
+        parked.add(bucket, d)
+
+
+def _refuse_null_keys(entity: Entity, changes: pa.Table, batch_id: str) -> None:
+    for key in entity.unique_key:
+        nulls = changes.column(key).null_count
+        if nulls:
+            raise SnapshotError(
+                f"{entity.name}: {nulls} change(s) of batch {batch_id} have a NULL unique_key"
+                f" column {key!r}",
+                entity=entity.name,
+                batch=batch_id,
+            )
+
+
+def _write(wh: Warehouse, batch: Batch, sql: ChangePlan, parked: Parked, bucket_rows: int) -> None:
+    """Opens, deletion versions, then closes; each statement idempotent."""
+    plan = batch.plan
+    names = plan.names
+    version = time.time_ns()
+    params: dict[str, object] = {**plan.params, "v": version}
+    stored = list(wh.columns(names.database, names.storage))
+    columns = [c for c in batch.source if c in stored]
+    for group in groups(parked.opened, bucket_rows):
+        wh.execute(sql.open_sql(columns, group, tombstone=False), params)
+        if plan.entity.hard_deletes == "new_record":
+            wh.execute(sql.open_sql(columns, group, tombstone=True), params)
+            wh.execute(sql.stored_tombstone_sql(stored, group), params)
+    failpoint("snapshot-after-open", f"{names.storage} batch {plan.batch_id}")
+    # the closes are the full merge's statement; they take no batch time
+    closing = Parking(plan, batch.key_types, wh.features.timestamp_type, "NULL")
+    for group in groups(parked.closed, bucket_rows):
+        wh.execute(closing.copy_sql(group, stored, closing.close_columns), params)
+
+
+def _verify(wh: Warehouse, batch: Batch, sql: ChangePlan, touched: int, bucket_rows: int) -> None:
+    plan = batch.plan
+    live = int(wh.scalar(plan.live_count_sql(), plan.params) or 0)
+    few = touched <= FULL_CHECK_SHARE * max(live, 1)
+    keys = render(sql.touched_keys_sql(), plan.params) if few else None
+    problems = check_invariants(wh, plan.names, plan.entity, keys, bucket_rows)
+    if problems:
+        raise InvariantError(
+            "SCD2 invariants broken:\n" + "\n".join(problems),
+            entity=plan.entity.name,
+            batch=plan.batch_id,
+        )
+
+
+def apply_change_batch(
+    wh: Warehouse,
+    database: str,
+    entity: Entity,
+    batch_id: str,
+    names: Names | None = None,
+    bucket_rows: int = BUCKET_ROWS,
+) -> StageResult:
+    """Apply one loaded batch of changes to the entity's history, in batch order."""
+    if names is None:
+        names = Names.of(database, entity)
+        if not check_order(wh, database, entity, batch_id):
+            return StageResult()
+    batch = prepare(wh, database, entity, batch_id, names)
+    if batch is None or not batch.plan.has_raw:
+        return StageResult()
+    plan = batch.plan
+    sql = ChangePlan(plan, batch.key_types, wh.features.timestamp_type)
+    rows_in = int(wh.scalar(sql.count_sql(), plan.params) or 0)
+    if not rows_in:
+        return StageResult()
+    buckets = Buckets.sized(rows_in, bucket_rows, entity.unique_key)
+    step = 1 if wh.features.datetime64 else 1_000_000
+    parked = Parked(wh, sql)
+    try:
+        _diff(wh, batch, sql, buckets, parked, step)
+        touched = sum(parked.opened.values()) + sum(parked.closed.values())
+        if touched:
+            _write(wh, batch, sql, parked, bucket_rows)
+            _verify(wh, batch, sql, touched, bucket_rows)
+    finally:
+        parked.drop()
+    opened = sum(parked.opened.values())
+    closed = sum(parked.closed.values()) + parked.ended_in_batch
+    return StageResult(
+        rows_in=rows_in, rows_out=opened, versions_opened=opened, versions_closed=closed
+    )

@@ -53,6 +53,7 @@ class Source(ABC):
     """One kind of database. Subclasses set `kind` and implement `read`."""
 
     kind: ClassVar[str]
+    modes: ClassVar[tuple[str, ...]]  # the entity modes this class reads
     # what the source's name in messages is (`PostgreSQL table public.orders`)
     noun: ClassVar[str] = "source"
 

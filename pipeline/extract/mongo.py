@@ -194,6 +194,7 @@ class MongoSource(Source):
     """A collection, scanned whole each batch (in `_id` ranges with `partitions`)."""
 
     kind = "mongo"
+    modes = ("full",)
     noun = "MongoDB collection"
 
     @property

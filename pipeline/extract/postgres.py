@@ -272,6 +272,7 @@ class PostgresSource(Source):
     """A table, read incrementally on `updated_at` (or whole with `mode = full`)."""
 
     kind = "postgres"
+    modes = ("incremental", "full")
     noun = "PostgreSQL table"
 
     def read(self) -> Read:

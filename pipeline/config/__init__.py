@@ -82,6 +82,9 @@ class Settings:
     retry_delay_seconds: float
     snapshot_chunk_rows: int
     slot_lag_warn_mb: float
+    cluster: str
+    replicated_path_prefix: str
+    ddl_timeout_seconds: int
     entities: tuple[Entity, ...]
 
     def entity(self, name: str) -> Entity:

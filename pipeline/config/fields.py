@@ -115,6 +115,25 @@ FIELDS: tuple[Field, ...] = (
         "status warns when a replication slot holds more WAL than this",
         kind="float",
     ),
+    Field(
+        "cluster",
+        "",
+        "a cluster of the server's `remote_servers`: replicated, sharded tables (empty: one server)",
+        "CDC_CLUSTER",
+        example="`cdc_sharded`",
+    ),
+    Field(
+        "replicated_path_prefix",
+        "/clickhouse/tables/{shard}",
+        "ZooKeeper path of replicated tables, before `/<database>/<table>`",
+        "CDC_REPLICATED_PATH_PREFIX",
+    ),
+    Field(
+        "ddl_timeout_seconds",
+        "300",
+        "how long an `ON CLUSTER` statement waits for every node",
+        kind="int",
+    ),
 )
 FIELD = {f.key: f for f in FIELDS}
 # read from the environment only (never from luigi.cfg), each with what it does

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pipeline.core.choices import MODES
 from pipeline.core.choices import SOURCES as SOURCE_KINDS
 from pipeline.core.errors import ConfigError
-from pipeline.extract.base import Context, Read, Source
+from pipeline.extract.base import CaptureStatus, Context, Read, Source
 from pipeline.extract.mongo import MongoSource
 from pipeline.extract.postgres import PostgresSource
 
@@ -35,4 +35,4 @@ def source_for(context: Context) -> Source:
     return source(context)
 
 
-__all__ = ["BY_MODE", "SOURCES", "Context", "Read", "Source", "source_for"]
+__all__ = ["BY_MODE", "SOURCES", "CaptureStatus", "Context", "Read", "Source", "source_for"]

@@ -35,6 +35,17 @@ class Read:
 
 
 @dataclass(frozen=True)
+class CaptureStatus:
+    """One line of `status` for a log-reading source (a replication slot, a change stream)."""
+
+    entity: str
+    name: str  # the slot's or stream's name
+    lag: str  # how far the loaded position is behind the source, in the source's units
+    holds: str  # what the source keeps for us (retained WAL, the oplog window)
+    warning: str = ""  # set when the lag or what is held needs a person
+
+
+@dataclass(frozen=True)
 class Context:
     """What a source is told about the batch it reads.
 
@@ -80,6 +91,11 @@ class Source(ABC):
         load of the batch has committed, and again before the next read, so a crash between
         the two loses nothing). Sources without a log of their own keep nothing."""
         return None
+
+    def status(self) -> list[CaptureStatus]:
+        """What an operator asks of a log-reading source: its slot or stream, how far behind
+        it is, what it holds back. Sources that read rows, not a log, have nothing to say."""
+        return []
 
     def keys(self) -> Iterator[pa.RecordBatch]:
         """Every key the source holds (reconciliation of hard deletes)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,6 +20,7 @@ from pipeline.config import Settings
 from pipeline.core.batch import batch_id_problem, batch_time
 from pipeline.core.names import RUNS
 from pipeline.core.secrets import mask_dsn
+from pipeline.extract.tasks import open_source
 from pipeline.ops.audit import describe_error
 from pipeline.ops.batches import unfinished_batch
 from pipeline.snapshot.storage import Names
@@ -144,8 +146,19 @@ def collect(wh: Warehouse, cfg: Settings, now: datetime | None = None) -> dict[s
         "runs": last_runs(wh, cfg.database),
         "lag": source_lag(wh, cfg, now),
         "snapshots": snapshot_sizes(wh, cfg),
+        "capture": capture_status(cfg),
         "failures": last_failures(wh, cfg.database),
     }
+
+
+def capture_status(cfg: Settings) -> list[dict[str, Any]]:
+    """Each log-reading entity's slot or stream: lag, what it holds, warnings."""
+    rows: list[dict[str, Any]] = []
+    for entity in cfg.entities:
+        if entity.captures_changes:
+            source = open_source(entity, "")
+            rows += [asdict(line) for line in source.status()]
+    return rows
 
 
 def duration(seconds: float | None) -> str:
@@ -227,6 +240,13 @@ def render(data: dict[str, Any]) -> str:
     out += ["", "Snapshots"]
     snaps = [(r["table"], r["versions"], r["current"], size(r["bytes"])) for r in data["snapshots"]]
     out += table(("table", "versions", "current rows", "on disk"), snaps)
+    if data["capture"]:
+        out += ["", "Log capture"]
+        capture = [
+            (r["entity"], r["name"], r["lag"], r["holds"], r["warning"] or "ok")
+            for r in data["capture"]
+        ]
+        out += table(("entity", "slot / stream", "lag", "holds", "state"), capture)
     out += ["", "Last failures"]
     failures = [
         (

@@ -23,7 +23,7 @@ from pipeline.snapshot.change_plan import ChangePlan
 from pipeline.snapshot.changes import ChangeDiff, diff_changes
 from pipeline.snapshot.diff import spec_for
 from pipeline.snapshot.invariants import BUCKET_ROWS, FULL_CHECK_SHARE, check_invariants
-from pipeline.snapshot.merge import Batch, check_order, prepare
+from pipeline.snapshot.merge import Batch, check_order, park, prepare
 from pipeline.snapshot.plan import Parking, groups
 from pipeline.snapshot.storage import Names, effective_time
 from pipeline.state import StageResult, failpoint
@@ -76,16 +76,8 @@ class Parked:
             "_tombstone", pa.repeat(pa.scalar(0, pa.uint8()), d.closed.num_rows)
         )
         database = self.sql.plan.names.database
-        for table, data, counts in (
-            (self.sql.open_table, opened, self.opened),
-            (self.sql.close_table, closed, self.closed),
-        ):
-            if data.num_rows:
-                counts[bucket] = data.num_rows
-                tagged = data.append_column(
-                    "_bucket", pa.repeat(pa.scalar(bucket, pa.uint32()), data.num_rows)
-                )
-                self.wh.insert_arrow(database, table, tagged)
+        park(self.wh, database, self.sql.open_table, opened, bucket, self.opened)
+        park(self.wh, database, self.sql.close_table, closed, bucket, self.closed)
         self.ended_in_batch += d.opened.num_rows - d.opened.column("dbt_valid_to").null_count
 
     def drop(self) -> None:

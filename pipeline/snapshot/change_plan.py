@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.core.names import CHANGE_TIME, OP, SEQ
-from pipeline.snapshot.plan import Plan, scd_id_sql
+from pipeline.snapshot.plan import Plan, parking_sqls, scd_id_sql
 from pipeline.warehouse import qualified, quote_ident
 from pipeline.warehouse.sql import ints
 
@@ -94,11 +94,7 @@ class ChangePlan:
             self.open_table: f"{keys}, {opened}",
             self.close_table: f"{keys}, dbt_scd_id String, _new_valid_to {ts}, _tombstone UInt8",
         }
-        sqls = []
-        for table, columns in tables.items():
-            sqls.append(f"DROP TABLE IF EXISTS {self.q(table)}")
-            sqls.append(f"CREATE TABLE {self.q(table)} ({columns}, _bucket UInt32) ENGINE = Log")
-        return sqls
+        return parking_sqls({self.q(table): columns for table, columns in tables.items()})
 
     def drop_sqls(self) -> list[str]:
         return [f"DROP TABLE IF EXISTS {self.q(t)}" for t in (self.open_table, self.close_table)]

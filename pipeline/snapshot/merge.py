@@ -175,6 +175,20 @@ def bucket_counts(wh: Warehouse, plan: Plan, buckets: Buckets, rows: int) -> dic
     return {int(b): int(n) for b, n in found}
 
 
+def park(
+    wh: Warehouse, database: str, table: str, data: pa.Table, bucket: int, counts: dict[int, int]
+) -> None:
+    """Insert a bucket's share of a merge's result into a parking table, tagged `_bucket`."""
+    import pyarrow as pa
+
+    if data.num_rows:
+        counts[bucket] = data.num_rows
+        tagged = data.append_column(
+            "_bucket", pa.repeat(pa.scalar(bucket, pa.uint32()), data.num_rows)
+        )
+        wh.insert_arrow(database, table, tagged)
+
+
 class Pending:
     """A batch's diff parked in the warehouse, bucket by bucket, until every bucket is diffed.
 
@@ -222,12 +236,7 @@ class Pending:
             (self.sql.open_table, d.opened.select(parked), self.opened),
             (self.sql.close_table, closed, self.closed),
         ):
-            if data.num_rows:
-                counts[bucket] = data.num_rows
-                tagged = data.append_column(
-                    "_bucket", pa.repeat(pa.scalar(bucket, pa.uint32()), data.num_rows)
-                )
-                self.wh.insert_arrow(database, table, tagged)
+            park(self.wh, database, table, data, bucket, counts)
         if d.tombstones:
             self.tombstones[bucket] = d.tombstones
 

@@ -40,6 +40,15 @@ def scd_id_sql(keys: tuple[str, ...], valid_from: str) -> str:
     return f"lower(hex(MD5(concat({key}, '|', toString({valid_from})))))"
 
 
+def parking_sqls(tables: dict[str, str]) -> list[str]:
+    """Fresh Log tables (qualified name -> columns) that park a merge's rows per `_bucket`."""
+    sqls = []
+    for table, columns in tables.items():
+        sqls.append(f"DROP TABLE IF EXISTS {table}")
+        sqls.append(f"CREATE TABLE {table} ({columns}, _bucket UInt32) ENGINE = Log")
+    return sqls
+
+
 def groups(counts: dict[int, int], rows: int) -> list[list[int]]:
     """Consecutive buckets with parked rows, grouped up to `rows` rows per statement."""
     grouped: list[list[int]] = []
@@ -260,11 +269,7 @@ class Parking:
             self.open_table: f"{keys}{opened}",
             self.close_table: f"{keys}, dbt_scd_id String, _new_valid_to {ts}, _tombstone UInt8",
         }
-        sqls = []
-        for table, columns in tables.items():
-            sqls.append(f"DROP TABLE IF EXISTS {self.q(table)}")
-            sqls.append(f"CREATE TABLE {self.q(table)} ({columns}, _bucket UInt32) ENGINE = Log")
-        return sqls
+        return parking_sqls({self.q(table): columns for table, columns in tables.items()})
 
     def drop_sqls(self) -> list[str]:
         return [f"DROP TABLE IF EXISTS {self.q(t)}" for t in (self.open_table, self.close_table)]

@@ -65,7 +65,9 @@ def hash_columns(spec: Spec, columns: list[str]) -> list[str]:
     return list(spec.check_cols) if spec.check_cols is not None else columns
 
 
-def _check_keys(spec: Spec, incoming: pa.Table, keys: pa.Array) -> None:
+def _checked_keys(spec: Spec, incoming: pa.Table) -> pa.Array:
+    """The batch's encoded keys; refuses a missing key column, NULL keys and repeated keys."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     for k in spec.unique_key:
@@ -74,6 +76,9 @@ def _check_keys(spec: Spec, incoming: pa.Table, keys: pa.Array) -> None:
         nulls = incoming.column(k).null_count
         if nulls:
             raise SnapshotError(f"{spec.entity}: {nulls} row(s) have NULL unique_key column {k!r}")
+    keys = encode_key(incoming, spec.unique_key)
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
     if pc.count_distinct(keys).as_py() != len(keys):
         counts = pc.value_counts(keys)
         dupes = counts.filter(pc.greater(counts.field("counts"), 1))
@@ -82,6 +87,7 @@ def _check_keys(spec: Spec, incoming: pa.Table, keys: pa.Array) -> None:
             f"{spec.entity}: {len(dupes)} unique_key value(s) appear more than once in the batch,"
             f" e.g. {sample}"
         )
+    return keys
 
 
 def _match(left: pa.Array, right: pa.Array) -> pa.Array:
@@ -119,10 +125,7 @@ def diff(
 
     ts_type = pa.timestamp(*TS)
     batch = pa.scalar(batch_ts, ts_type)
-    in_keys = encode_key(incoming, spec.unique_key)
-    if isinstance(in_keys, pa.ChunkedArray):
-        in_keys = in_keys.combine_chunks()
-    _check_keys(spec, incoming, in_keys)
+    in_keys = _checked_keys(spec, incoming)
     if "_hash" in incoming.column_names:  # computed at load (raw `_check_hash`)
         in_hash = _combined(incoming.column("_hash"))
     else:

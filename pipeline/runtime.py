@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline import config
 from pipeline.staging import Store, open_store
-from pipeline.warehouse import Warehouse, connect
+from pipeline.warehouse import Cluster, Warehouse, connect
 
 __all__ = ["reset", "secrets", "settings", "store", "warehouse", "without_pandas"]
 
@@ -27,7 +27,11 @@ def settings() -> config.Settings:
 
 @cache
 def warehouse() -> Warehouse:
-    return connect(settings().warehouse_url)
+    cfg = settings()
+    cluster = None
+    if cfg.cluster:
+        cluster = Cluster(cfg.cluster, cfg.replicated_path_prefix, cfg.ddl_timeout_seconds)
+    return connect(cfg.warehouse_url, cluster)
 
 
 @cache

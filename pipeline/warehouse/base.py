@@ -7,11 +7,13 @@ warehouse is a ClickHouse server or chDB in this process.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.errors import WarehouseError
+from pipeline.warehouse import cluster as cl
 from pipeline.warehouse.sql import quote_ident
 
 if TYPE_CHECKING:
@@ -64,6 +66,7 @@ class Warehouse(ABC):
 
     url: str
     features: Features
+    cluster: cl.Cluster | None = None  # set when `[cdc] cluster` names one (servers only)
 
     @abstractmethod
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
@@ -122,12 +125,30 @@ class Warehouse(ABC):
         stored_base, _, stored_fraction = stored.partition(".")
         return (stored_base, stored_fraction.rstrip("0")) == (base, fraction.rstrip("0"))
 
+    @contextmanager
+    def settings_scope(self, **settings: Any) -> Iterator[None]:
+        """Query settings for the statements of a `with` block (servers; chDB needs none)."""
+        yield
+
     def create_database(self, database: str) -> None:
-        self.execute(f"CREATE DATABASE IF NOT EXISTS {quote_ident(database)}")
+        sql = f"CREATE DATABASE IF NOT EXISTS {quote_ident(database)}"
+        if self.cluster is None:
+            self.execute(sql)
+        elif not self.scalar(
+            "SELECT count() FROM system.databases WHERE name = %(d)s", {"d": database}
+        ):
+            cl.ddl(self, self.cluster, sql + self.cluster.on)
 
     def wait_mutations(self, database: str, table: str, timeout: float = 300.0) -> None:
-        """Block until ALTER ... DELETE/UPDATE mutations on a table are done (they are async)."""
+        """Block until ALTER ... DELETE/UPDATE mutations on a table are done (they are async);
+        on a cluster, on every node, of the local table under a Distributed one."""
         import time
+
+        if self.cluster is not None:
+            local = cl.local_name(table)
+            name = local if self.table_exists(database, local) else table
+            cl.wait_done(self, self.cluster, database, name, timeout=timeout)
+            return
 
         deadline = time.monotonic() + timeout
         while True:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from pipeline.core.errors import WarehouseError
+from pipeline.warehouse import cluster as cl
 from pipeline.warehouse.base import Features, Warehouse
 from pipeline.warehouse.sql import qualified, quote_ident
 from pipeline.warehouse.types import clickhouse_to_arrow
@@ -25,22 +28,39 @@ def _python_column(array: pa.ChunkedArray | pa.Array) -> list:
 
 
 class ServerWarehouse(Warehouse):
-    """clickhouse://user:password@host:port/ ; one native connection, reused."""
+    """clickhouse://user:password@host:port/ ; one native connection, reused.
 
-    def __init__(self, url: str) -> None:
+    With a `cluster` (its name, path prefix and DDL timeout) every query runs with the
+    cluster's session settings, which survive the driver's reconnects (they travel with each
+    query), and the cluster is checked against the server once, here.
+    """
+
+    def __init__(self, url: str, cluster: cl.Cluster | None = None) -> None:
         from clickhouse_driver import Client
 
         parts = urlsplit(url)
         self.url = url
-        self._client = Client(
-            host=parts.hostname or "127.0.0.1",
-            port=parts.port or 9000,
-            user=unquote(parts.username or "default"),
-            password=unquote(parts.password or ""),
-            settings={"strings_encoding": "utf-8"},
-        )
+        user, password = unquote(parts.username or "default"), unquote(parts.password or "")
+        settings: dict[str, Any] = {"strings_encoding": "utf-8"}
+        if cluster is not None:
+            settings.update(cl.SESSION_SETTINGS)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 9000
+        self._client = Client(host=host, port=port, user=user, password=password, settings=settings)
         version = self._run("SELECT version()")[0][0]
         self.features = Features(tuple(int(p) for p in version.split(".")[:3]))
+        if cluster is not None:
+            self.cluster = replace(cluster, user=user, password=password)
+            cl.check(self, self.cluster, f"{host}:{port}")
+
+    @contextmanager
+    def settings_scope(self, **settings: Any) -> Iterator[None]:
+        saved = dict(self._client.settings)
+        self._client.settings.update(settings)
+        try:
+            yield
+        finally:
+            self._client.settings.clear()
+            self._client.settings.update(saved)
 
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
         self._run(sql, params)

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pipeline.core.errors import FailpointError
 from pipeline.core.names import BATCHES, STATE
 from pipeline.warehouse import Warehouse, qualified
+from pipeline.warehouse.ddl import TableSpec, create_table
 
 
 def failpoint(name: str, where: str) -> None:
@@ -25,17 +26,13 @@ def failpoint(name: str, where: str) -> None:
 def ensure_tables(wh: Warehouse, database: str) -> None:
     wh.create_database(database)
     ts = wh.features.timestamp_type
-    wh.execute(
-        f"CREATE TABLE IF NOT EXISTS {qualified(database, BATCHES)} ("
-        " entity String, stage String, batch_id String, rows_in UInt64, rows_out UInt64,"
+    batches = (
+        "entity String, stage String, batch_id String, rows_in UInt64, rows_out UInt64,"
         f" versions_opened UInt64, versions_closed UInt64, finished_at {ts}"
-        ") ENGINE = MergeTree ORDER BY (entity, stage, batch_id)"
     )
-    wh.execute(
-        f"CREATE TABLE IF NOT EXISTS {qualified(database, STATE)} ("
-        f" entity String, batch_id String, watermark String, recorded_at {ts}"
-        ") ENGINE = MergeTree ORDER BY (entity, batch_id)"
-    )
+    state = f"entity String, batch_id String, watermark String, recorded_at {ts}"
+    create_table(wh, database, BATCHES, TableSpec(batches, order_by="(entity, stage, batch_id)"))
+    create_table(wh, database, STATE, TableSpec(state, order_by="(entity, batch_id)"))
 
 
 @dataclass(frozen=True)

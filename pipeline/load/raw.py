@@ -23,7 +23,7 @@ from pipeline.load.unchanged import fill_unchanged
 from pipeline.staging import Store, read_parts
 from pipeline.state import StageResult, failpoint
 from pipeline.warehouse import Warehouse, arrow_to_clickhouse, qualified, quote_ident
-from pipeline.warehouse.ddl import delete_where
+from pipeline.warehouse.ddl import TableSpec, alter_table, create_table, delete_where
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -43,13 +43,18 @@ def ensure_raw_table(wh: Warehouse, database: str, entity: Entity, schema: pa.Sc
         if f.name not in LOAD_META_COLUMNS
     )
     ts = wh.features.timestamp_type
-    wh.execute(
-        f"CREATE TABLE IF NOT EXISTS {qualified(database, entity.raw_table)} ({cols},"
-        f" `_batch_id` String, `_loaded_at` {ts}, `_row_hash` UInt64,"
-        " `_check_hash` UInt64, `_check_cols` String)"
-        " ENGINE = MergeTree PARTITION BY toYYYYMM(_loaded_at) ORDER BY (_batch_id)"
-        + ttl_clause(wh, entity)
+    columns = (
+        f"{cols}, `_batch_id` String, `_loaded_at` {ts}, `_row_hash` UInt64,"
+        " `_check_hash` UInt64, `_check_cols` String"
     )
+    spec = TableSpec(
+        columns,
+        partition_by="toYYYYMM(_loaded_at)",
+        order_by="(_batch_id)",
+        ttl=ttl_clause(wh, entity),
+        shard_by=entity.unique_key,
+    )
+    create_table(wh, database, entity.raw_table, spec)
     ensure_check_columns(wh, database, entity, wh.columns(database, entity.raw_table))
 
 
@@ -187,5 +192,5 @@ def ensure_check_columns(
     """Give a raw table made before change hashes were stored their columns (rows: 0, '')."""
     for name, ch_type in CHECK_META.items():
         if name not in existing:
-            table = qualified(database, entity.raw_table)
-            wh.execute(f"ALTER TABLE {table} ADD COLUMN {quote_ident(name)} {ch_type}")
+            add = f"ADD COLUMN {quote_ident(name)} {ch_type}"
+            alter_table(wh, database, entity.raw_table, [add])

@@ -26,6 +26,7 @@ from pipeline import runtime
 from pipeline.core import secrets
 from pipeline.core.names import BATCHES, RUNS
 from pipeline.warehouse import Warehouse, qualified
+from pipeline.warehouse.ddl import TableSpec, create_table
 
 log = logging.getLogger("pipeline.audit")
 
@@ -68,17 +69,17 @@ def ensure_runs_table(wh: Warehouse, database: str) -> None:
     wh.create_database(database)
     ts = wh.features.timestamp_type
     ttl = f" TTL toDateTime(finished_at) + INTERVAL {RETENTION_DAYS} DAY" if wh.features.ttl else ""
-    wh.execute(
-        f"CREATE TABLE IF NOT EXISTS {qualified(database, RUNS)} ("
-        " run_id String, batch_id String, task String, task_id String, entity String,"
+    columns = (
+        "run_id String, batch_id String, task String, task_id String, entity String,"
         " stage String, status String, rows_in UInt64, rows_out UInt64,"
         " versions_opened UInt64, versions_closed UInt64,"
         " window_lower Nullable(String), window_upper Nullable(String),"
         f" started_at {ts}, finished_at {ts}, duration_s Float64, error String,"
         " host String, pid UInt32"
-        ") ENGINE = MergeTree PARTITION BY toYYYYMM(finished_at)"
-        f" ORDER BY (entity, stage, batch_id, finished_at){ttl}"
     )
+    order = "(entity, stage, batch_id, finished_at)"
+    spec = TableSpec(columns, order_by=order, partition_by="toYYYYMM(finished_at)", ttl=ttl)
+    create_table(wh, database, RUNS, spec)
 
 
 def write_run(wh: Warehouse, database: str, record: RunRecord) -> None:

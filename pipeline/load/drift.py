@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 from pipeline.config import Entity
 from pipeline.core.errors import LoadError
 from pipeline.core.hashing import canonical_text
-from pipeline.warehouse import Warehouse, arrow_to_clickhouse, qualified, quote_ident
+from pipeline.warehouse import Warehouse, arrow_to_clickhouse, quote_ident
+from pipeline.warehouse.ddl import alter_table
 from pipeline.warehouse.types import clickhouse_to_arrow
 
 if TYPE_CHECKING:
@@ -35,27 +36,28 @@ def align(wh: Warehouse, database: str, entity: Entity, part: pa.Table) -> pa.Ta
     """Evolve the raw table for this part (new columns, widened types) and cast the part to it."""
     import pyarrow as pa
 
-    table = qualified(database, entity.raw_table)
-    existing = wh.columns(database, entity.raw_table)
-    arrays, names = [], []
+    table = entity.raw_table
+    existing = wh.columns(database, table)
+    arrays, names, added = [], [], []
     for field in part.schema:
         column = part.column(field.name)
         if pa.types.is_null(field.type) and field.name in existing:
             continue
         if field.name not in existing:
             ch = arrow_to_clickhouse(field.type, wh.features)
-            wh.execute(f"ALTER TABLE {table} ADD COLUMN {quote_ident(field.name)} {ch}")
+            added.append(f"ADD COLUMN {quote_ident(field.name)} {ch}")
         elif arrow_to_clickhouse(field.type, wh.features) != existing[field.name]:
             raw_type = clickhouse_to_arrow(existing[field.name])
             target = widen(raw_type, field.type)
             if target != raw_type:
                 ch = arrow_to_clickhouse(target, wh.features)
-                wh.execute(f"ALTER TABLE {table} MODIFY COLUMN {quote_ident(field.name)} {ch}")
-                wh.wait_mutations(database, entity.raw_table)
+                alter_table(wh, database, table, [f"MODIFY COLUMN {quote_ident(field.name)} {ch}"])
+                wh.wait_mutations(database, table)
             if target != field.type:
                 column = _cast(column, target, entity, field.name)
         arrays.append(column)
         names.append(field.name)
+    alter_table(wh, database, table, added)  # one statement: on a cluster, one round of DDL
     return pa.table(arrays, names=names)
 
 

@@ -12,7 +12,8 @@ from pipeline.config import Entity
 from pipeline.core.manifest import Manifest
 from pipeline.core.names import keys_table
 from pipeline.staging import Store, read_parts
-from pipeline.warehouse import Warehouse, arrow_to_clickhouse, qualified, quote_ident
+from pipeline.warehouse import Warehouse, arrow_to_clickhouse, quote_ident
+from pipeline.warehouse.ddl import TableSpec, create_table, delete_where
 
 
 def load_keys(
@@ -22,25 +23,23 @@ def load_keys(
     import pyarrow as pa
 
     table = keys_table(entity.name)
-    q_table = qualified(database, table)
     loaded_at = datetime.now(UTC)
     rows = 0
-    if wh.table_exists(database, table):
-        wh.execute(
-            f"ALTER TABLE {q_table} DELETE WHERE _batch_id = %(b)s", {"b": manifest.batch_id}
-        )
-        wh.wait_mutations(database, table)
+    delete_where(wh, database, table, "_batch_id = %(b)s", {"b": manifest.batch_id})
     for part in read_parts(store, manifest):
         if not wh.table_exists(database, table):
             cols = ", ".join(
                 f"{quote_ident(f.name)} {arrow_to_clickhouse(f.type, wh.features, nullable=False)}"
                 for f in part.schema
             )
-            wh.execute(
-                f"CREATE TABLE IF NOT EXISTS {q_table} ({cols}, `_batch_id` String,"
-                f" `_loaded_at` {wh.features.timestamp_type})"
-                " ENGINE = MergeTree PARTITION BY toYYYYMM(_loaded_at) ORDER BY (_batch_id)"
+            columns = f"{cols}, `_batch_id` String, `_loaded_at` {wh.features.timestamp_type}"
+            spec = TableSpec(
+                columns,
+                partition_by="toYYYYMM(_loaded_at)",
+                order_by="(_batch_id)",
+                shard_by=entity.unique_key,
             )
+            create_table(wh, database, table, spec)
         n = part.num_rows
         part = part.append_column("_batch_id", pa.repeat(pa.scalar(manifest.batch_id), n))
         part = part.append_column(

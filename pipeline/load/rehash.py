@@ -12,6 +12,7 @@ from pipeline.core.hashing import check_signature
 from pipeline.load.raw import ensure_check_columns, with_check_hash
 from pipeline.warehouse import Warehouse, qualified, quote_ident
 from pipeline.warehouse.buckets import Buckets
+from pipeline.warehouse.cluster import no_deduplication
 from pipeline.warehouse.ddl import delete_where
 
 
@@ -68,7 +69,8 @@ def rehash(wh: Warehouse, database: str, entity: Entity, batch_id: str, bucket_r
             {**params, "o": old},
         )
         if part.num_rows:
-            wh.insert_arrow(database, entity.raw_table, with_check_hash(part, entity))
+            with no_deduplication(wh):  # a crashed attempt's copy, deleted above, is no repeat
+                wh.insert_arrow(database, entity.raw_table, with_check_hash(part, entity))
     delete_where(
         wh, database, entity.raw_table, "_batch_id = %(b)s AND _check_cols != %(s)s", params
     )

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pipeline.config import Entity
 from pipeline.core.names import keys_table
 from pipeline.warehouse import Warehouse, qualified
+from pipeline.warehouse.ddl import drop_partition
 
 
 def ttl_clause(wh: Warehouse, entity: Entity) -> str:
@@ -43,7 +44,7 @@ def drop_expired_partitions(
     for month, newest in months[:-1]:
         newest = newest if newest.tzinfo else newest.replace(tzinfo=UTC)
         if newest < cutoff:
-            wh.execute(f"ALTER TABLE {q_table} DROP PARTITION {int(month)}")
+            drop_partition(wh, database, table, int(month))
             dropped.append(int(month))
     return dropped
 

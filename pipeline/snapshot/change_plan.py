@@ -132,7 +132,7 @@ class ChangePlan:
         source = ", ".join(quote_ident(c) for c in columns)
         raw = (
             f"SELECT {source}, {SEQ}, _check_hash"
-            f" {self.plan.raw_rows(f'({keys}) IN (SELECT {keys} {parked})')}"
+            f" {self.plan.raw_rows(f'({keys}) {self.plan.scratch_in} (SELECT {keys} {parked})')}"
         )
         joined = (
             f"({raw}) AS r ANY INNER JOIN (SELECT {keys}, {seq}, dbt_valid_from, dbt_valid_to,"
@@ -166,7 +166,7 @@ class ChangePlan:
         return (
             f"INSERT INTO {storage} ({', '.join(quote_ident(c) for c in stored)})"
             f" SELECT {select} FROM (SELECT * {self.plan.history('1')}"
-            f" AND ({keys}) IN (SELECT {keys} {parked})) AS s"
+            f" AND ({keys}) {self.plan.scratch_in} (SELECT {keys} {parked})) AS s"
             f" ANY INNER JOIN (SELECT {keys}, dbt_valid_from AS _t_from, dbt_valid_to AS _t_to"
             f" {parked}) AS t USING ({keys})"
         )

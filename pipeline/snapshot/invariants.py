@@ -13,6 +13,7 @@ from pipeline.snapshot.diff import TS, Spec, spec_for
 from pipeline.snapshot.storage import Names
 from pipeline.warehouse import Warehouse, quote_ident
 from pipeline.warehouse.buckets import Buckets
+from pipeline.warehouse.cluster import scratch_in
 from pipeline.warehouse.sql import key_fingerprint
 
 if TYPE_CHECKING:
@@ -92,8 +93,9 @@ def check_invariants(
     spec = spec_for(entity)
     if keys is not None:
         key_cols = ", ".join(quote_ident(k) for k in entity.unique_key)
+        member = scratch_in(wh)  # the subquery may read this node's parking tables
         return invariant_violations(
-            spec, wh.query_arrow(f"{select} WHERE ({key_cols}) IN ({keys})")
+            spec, wh.query_arrow(f"{select} WHERE ({key_cols}) {member} ({keys})")
         )
     total = int(wh.scalar(f"SELECT count() FROM {names.q_storage}") or 0)
     buckets = Buckets.sized(total, bucket_rows, entity.unique_key)

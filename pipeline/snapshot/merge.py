@@ -44,6 +44,7 @@ from pipeline.snapshot.storage import (
 from pipeline.state import StageResult, failpoint, last_done
 from pipeline.warehouse import Warehouse, literal
 from pipeline.warehouse.buckets import Buckets
+from pipeline.warehouse.cluster import scratch_in
 from pipeline.warehouse.sql import render, timestamp_sql
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ def prepare(
         has_raw,
         reconciled(wh, database, entity, batch_id),
         has_history=current_rows > 0,
+        scratch_in=scratch_in(wh),
     )
     if has_raw:
         _refuse_stale(wh, plan)

@@ -72,6 +72,9 @@ class Plan:
     has_raw: bool
     reconciled: bool
     has_history: bool
+    # `IN` for subqueries over the parking tables: `GLOBAL IN` on a cluster, where they exist
+    # on this node only (`pipeline.warehouse.cluster.scratch_in`)
+    scratch_in: str = "IN"
 
     @property
     def params(self) -> dict[str, str]:
@@ -321,7 +324,8 @@ class Parking:
     def opens_of_parked(self, columns: list[str], group: list[int]) -> str:
         parked = self.parked_opens(group)
         keys = self.plan.keys
-        return self.open_sql(columns, f"({keys}) IN (SELECT {keys} {parked})", parked)
+        rows = f"({keys}) {self.plan.scratch_in} (SELECT {keys} {parked})"
+        return self.open_sql(columns, rows, parked)
 
     def copy_sql(
         self, group: list[int], cols: list[str], overrides: dict[str, str], only: str = "1"
@@ -333,7 +337,7 @@ class Parking:
         return (
             f"INSERT INTO {storage} ({', '.join(quote_ident(c) for c in cols)})"
             f" SELECT {select} FROM (SELECT * FROM {storage} FINAL"
-            f" WHERE ({keys}) IN (SELECT {keys} {parked})) AS s"
+            f" WHERE ({keys}) {self.plan.scratch_in} (SELECT {keys} {parked})) AS s"
             f" ANY INNER JOIN (SELECT dbt_scd_id, _new_valid_to {parked}) AS c"
             " USING (dbt_scd_id)"
         )

@@ -16,6 +16,7 @@ from pipeline.config import Entity
 from pipeline.core.batch import batch_time
 from pipeline.core.names import keys_table
 from pipeline.warehouse import Warehouse, arrow_to_clickhouse, literal, qualified, quote_ident
+from pipeline.warehouse.ddl import TableSpec, alter_table, create_table, create_view, drop_table
 from pipeline.warehouse.sql import timestamp_sql
 
 if TYPE_CHECKING:
@@ -74,17 +75,21 @@ def ensure_storage(wh: Warehouse, names: Names, entity: Entity, schema: pa.Schem
             "`_version` UInt64",
         ]
         order = ", ".join(quote_ident(k) for k in entity.unique_key) + ", dbt_valid_from"
-        wh.execute(
-            f"CREATE TABLE IF NOT EXISTS {names.q_storage} ({', '.join(cols + meta)})"
-            f" ENGINE = ReplacingMergeTree(_version) ORDER BY ({order})"
+        spec = TableSpec(
+            ", ".join(cols + meta),
+            "ReplacingMergeTree(_version)",
+            order_by=f"({order})",
+            shard_by=entity.unique_key,
+            fresh=names.view is None,  # a side table (rebuild, adoption) is swapped in later
         )
+        create_table(wh, names.database, names.storage, spec)
     existing = wh.columns(names.database, names.storage)
-    for field in schema:
-        if field.name not in existing and not pa.types.is_null(field.type):
-            wh.execute(
-                f"ALTER TABLE {names.q_storage} ADD COLUMN {quote_ident(field.name)}"
-                f" {arrow_to_clickhouse(field.type, wh.features)}"
-            )
+    added = [
+        f"ADD COLUMN {quote_ident(f.name)} {arrow_to_clickhouse(f.type, wh.features)}"
+        for f in schema
+        if f.name not in existing and not pa.types.is_null(f.type)
+    ]
+    alter_table(wh, names.database, names.storage, added)
     if names.view is not None:
         ensure_view(wh, names, entity)
 
@@ -111,14 +116,12 @@ def ensure_view(wh: Warehouse, names: Names, entity: Entity) -> None:
     if wh.table_exists(names.database, names.view):
         if list(wh.columns(names.database, names.view)) == [name for name, _ in columns]:
             return
-        wh.execute(f"DROP TABLE IF EXISTS {names.q_view}")
+        drop_table(wh, names.database, names.view)
     select = ", ".join(
         expr if expr == quote_ident(name) else f"{expr} AS {quote_ident(name)}"
         for name, expr in columns
     )
-    wh.execute(
-        f"CREATE VIEW IF NOT EXISTS {names.q_view} AS SELECT {select} FROM {names.q_storage} FINAL"
-    )
+    create_view(wh, names.database, names.view, f"SELECT {select} FROM {names.q_storage} FINAL")
 
 
 def raw_schema(wh: Warehouse, database: str, entity: Entity, columns: list[str]) -> pa.Schema:

@@ -16,7 +16,7 @@ from pipeline.snapshot.apply import apply
 from pipeline.snapshot.invariants import BUCKET_ROWS, check_invariants
 from pipeline.snapshot.storage import INTERNAL, Names, ensure_storage, ensure_view
 from pipeline.warehouse import Warehouse, qualified, quote_ident
-from pipeline.warehouse.ddl import swap_in
+from pipeline.warehouse.ddl import drop_table, rename_table, swap_in
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -51,7 +51,7 @@ def rebuild(
     """
     live = Names.of(database, entity)
     side = Names(database, None, f"{live.storage}__rebuild")
-    wh.execute(f"DROP TABLE IF EXISTS {side.q_storage}")
+    drop_table(wh, database, side.storage)
     batches = raw_batches(wh, database, entity)
     for batch in batches:
         if before_each is not None:
@@ -77,7 +77,7 @@ def adopt(wh: Warehouse, database: str, entity: Entity, table: str | None = None
         raise SnapshotError(f"{entity.name}: {names.storage} exists already; nothing to adopt")
     versions = _read_dbt_table(wh, database, source, entity)
     side = Names(database, None, f"{names.storage}__adopt")
-    wh.execute(f"DROP TABLE IF EXISTS {side.q_storage}")
+    drop_table(wh, database, side.storage)
     source_schema = versions.select([c for c in versions.column_names if c not in INTERNAL])
     source_cols = [c for c in source_schema.column_names if not c.startswith("dbt_")]
     ensure_storage(wh, side, entity, source_schema.select(source_cols).schema)
@@ -87,12 +87,11 @@ def adopt(wh: Warehouse, database: str, entity: Entity, table: str | None = None
     )
     problems = check_invariants(wh, side, entity)
     if problems:
-        wh.execute(f"DROP TABLE {side.q_storage}")
+        drop_table(wh, database, side.storage)
         raise SnapshotError("the dbt table breaks SCD2 invariants:\n" + "\n".join(problems))
-    wh.execute(f"RENAME TABLE {side.q_storage} TO {names.q_storage}")
+    swap_in(wh, database, side.storage, names.storage)  # no live storage: a rename
     if source == entity.snapshot_table:
-        backup = qualified(database, f"{source}__dbt")
-        wh.execute(f"RENAME TABLE {qualified(database, source)} TO {backup}")
+        rename_table(wh, database, source, f"{source}__dbt")
     ensure_view(wh, names, entity)
     return int(versions.num_rows)
 

@@ -304,8 +304,24 @@ def _socket_dir(path: Path) -> str:
     return shlex.quote(str(path))
 
 
-def start_postgres(root: Path, port: int | None = None) -> Service:
-    """Debian's PostgreSQL, initialised on first start, with the database `source` created."""
+# Log-based capture (mode = log) reads a logical replication slot: the server must log enough
+# to decode rows, and keep room for the tests' slots and their walsenders.
+REPLICATION = "-c max_wal_senders=20 -c max_replication_slots=20"
+REPLICATION_HBA = "host replication all 127.0.0.1/32 trust"
+
+
+def _allow_replication(data: Path) -> None:
+    """Let local TCP clients open replication connections (initdb's default has the line, but
+    a data directory made another way may not)."""
+    hba = data / "pg_hba.conf"
+    lines = hba.read_text().splitlines()
+    if not any(line.split() == REPLICATION_HBA.split() for line in lines):
+        hba.write_text("\n".join([*lines, REPLICATION_HBA, ""]))
+
+
+def start_postgres(root: Path, port: int | None = None, wal_level: str = "logical") -> Service:
+    """Debian's PostgreSQL, initialised on first start, with the database `source` created
+    (`wal_level` other than logical only for tests of what log-based capture refuses)."""
     home = root.resolve() / "postgres"
     port = port or free_port()
     _require_free("postgres", port)
@@ -320,7 +336,9 @@ def start_postgres(root: Path, port: int | None = None) -> Service:
     if not (data / "PG_VERSION").exists():
         initdb = [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"]
         _run("postgres", _as_postgres([*initdb, "-E", "UTF8", "--locale=C"]), home / "initdb.log")
+    _allow_replication(data)
     options = f"-p {port} -c listen_addresses={HOST} -k {_socket_dir(sockets)}"
+    options += f" -c wal_level={wal_level} {REPLICATION}"
     pg_ctl = [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60"]
     _run("postgres", _as_postgres([*pg_ctl, "-o", options, "start"]), home / "pg_ctl.log", log)
     pid = int((data / "postmaster.pid").read_text().split()[0])

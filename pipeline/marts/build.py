@@ -5,6 +5,9 @@ on servers and databases that have it, else one ``RENAME TABLE`` statement for b
 then drop the previous version: readers see the old mart or the new one, never a missing or
 half-built one, and a failed build leaves the old mart untouched. ``view`` takes the same path
 with ``CREATE VIEW``, which is atomic on ClickHouse 18.16 too (it has no ``CREATE OR REPLACE``).
+
+On a cluster (``[cdc] cluster``) a table mart is sharded like the pipeline's other tables and
+the swap renames its local tables on every node (``pipeline.warehouse.ddl.swap_in``).
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from pipeline.core.errors import MartError, WarehouseError
 from pipeline.core.names import check_name
 from pipeline.marts.header import is_merge_tree
 from pipeline.marts.project import Mart
-from pipeline.warehouse import Warehouse, qualified
-from pipeline.warehouse.ddl import swap_in
+from pipeline.warehouse import Warehouse, qualified, quote_ident
+from pipeline.warehouse.cluster import user_sql
+from pipeline.warehouse.ddl import TableSpec, create_table, create_view, drop_table, swap_in
 
 log = logging.getLogger("pipeline.marts")
 
@@ -35,6 +39,43 @@ def create_statement(database: str, mart: Mart, table: str) -> str:
     return "\n".join(clauses) + f" AS\n{mart.sql}"
 
 
+def materialize(wh: Warehouse, database: str, mart: Mart, table: str) -> None:
+    """Create ``table`` as the mart: one statement on a server; on a cluster a view on every
+    node, or a replicated table on every node filled through its Distributed table.
+
+    A mart table holds no unique key of ours, so rows go to any shard, except for engines that
+    merge rows with equal sorting keys (Replacing, Summing, ...): those rows share a shard.
+    """
+    if wh.cluster is None:
+        wh.execute(create_statement(database, mart, table))
+        return
+    if mart.materialized == "view":
+        create_view(wh, database, table, mart.sql)
+        return
+    engine = mart.engine or "MergeTree"
+    if not is_merge_tree(engine):
+        raise MartError(f"{mart.path}: engine {engine}: a mart table on a cluster is MergeTree")
+    order_by = mart.order_by or "tuple()"
+    merging = engine.split("(", 1)[0] != "MergeTree" and order_by != "tuple()"
+    spec = TableSpec(
+        _columns(wh, mart),
+        engine,
+        order_by=order_by,
+        partition_by=mart.partition_by,
+        fresh=True,
+        sharding=f"cityHash64({order_by})" if merging else None,
+    )
+    create_table(wh, database, table, spec)
+    with user_sql(wh):
+        wh.execute(f"INSERT INTO {qualified(database, table)}\n{mart.sql}")
+
+
+def _columns(wh: Warehouse, mart: Mart) -> str:
+    """The column definitions of the mart's SELECT, as the server types it."""
+    described = wh.query_rows(f"DESCRIBE TABLE (\n{mart.sql}\n)")
+    return ", ".join(f"{quote_ident(row[0])} {row[1]}" for row in described)
+
+
 def build(wh: Warehouse, database: str, mart: Mart) -> int:
     """Build ``mart`` beside the live one and swap it in; returns its row count.
 
@@ -42,9 +83,9 @@ def build(wh: Warehouse, database: str, mart: Mart) -> int:
     """
     check_name(database, "database")
     staging = f"{mart.name}__new"
-    wh.execute(f"DROP TABLE IF EXISTS {qualified(database, staging)}")
+    drop_table(wh, database, staging)
     try:
-        wh.execute(create_statement(database, mart, staging))
+        materialize(wh, database, mart, staging)
         rows = int(wh.scalar(f"SELECT count() FROM {qualified(database, staging)}"))
     except WarehouseError as exc:
         _drop_quietly(wh, database, staging)
@@ -59,6 +100,6 @@ def build(wh: Warehouse, database: str, mart: Mart) -> int:
 def _drop_quietly(wh: Warehouse, database: str, table: str) -> None:
     """Best-effort cleanup after a failed build; the build error is what the user needs."""
     try:
-        wh.execute(f"DROP TABLE IF EXISTS {qualified(database, table)}")
+        drop_table(wh, database, table)
     except WarehouseError as exc:
         log.warning("could not drop %s.%s after a failed build: %s", database, table, exc)

@@ -36,6 +36,7 @@ class TableSpec:
     ttl: str = ""
     shard_by: tuple[str, ...] = ()
     fresh: bool = False
+    sharding: str | None = None  # an expression that places rows instead of `shard_by`
 
     @property
     def clauses(self) -> str:
@@ -70,7 +71,7 @@ def create_table(wh: Warehouse, database: str, table: str, spec: TableSpec) -> N
             f" ENGINE = {engine}{spec.clauses}",
         )
     if not wh.table_exists(database, table):
-        sharding = cl.sharding_key(spec.shard_by)
+        sharding = spec.sharding or cl.sharding_key(spec.shard_by)
         _create_distributed(wh, c, database, table, local, sharding)
 
 

@@ -1,9 +1,14 @@
 """The local stack without Docker: real servers on loopback, each under one root directory.
 
 `python -m setup.stack up|down|status [--root .stack]` starts MongoDB (SecantusDB),
-PostgreSQL, S3 (SeaweedFS), optionally a ClickHouse server, and luigid; it writes the CDC_*
-settings to `<root>/env` and the pids to `<root>/services.json` so that `down` stops exactly
-what `up` started. The test fixtures use the same functions with free ports.
+PostgreSQL, S3 (SeaweedFS), optionally a ClickHouse server or a ClickHouse cluster, and
+luigid; it writes the CDC_* settings to `<root>/env` and the pids to `<root>/services.json` so
+that `down` stops exactly what `up` started. The test fixtures use the same functions with
+free ports.
+
+`--warehouse cluster` is ZooKeeper (Debian's, run with java) and two clickhouse-server nodes
+that serve both cluster shapes at once: `cdc_replicated` (1 shard x 2 replicas) and
+`cdc_sharded` (2 shards x 1 replica); `--shape` says which one the env file names.
 
 Only the standard library is imported here: the client libraries are imported by the probes
 that need them, so `status` and `down` stay fast.
@@ -26,8 +31,9 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 BUCKET = "cdc-staging"
 S3_ACCESS_KEY = "cdc"
@@ -37,7 +43,7 @@ SOURCE_DB = "source"
 HOST = "127.0.0.1"
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
-WAREHOUSES = ("chdb", "clickhouse")
+WAREHOUSES = ("chdb", "clickhouse", "cluster")
 CORE = ("mongodb", "postgres", "s3")
 CLICKHOUSE_CONFIG = Path("/etc/clickhouse-server/config.xml")
 UNIX_SOCKET_PATH_MAX = 107
@@ -58,7 +64,12 @@ COMMAND_MARKERS = {
     "s3": "weed",
     "clickhouse": "clickhouse",
     "luigid": "luigid",
+    "zookeeper": "org.apache.zookeeper.server.ZooKeeperServerMain",
+    "node1": "clickhouse",
+    "node2": "clickhouse",
 }
+# stopped after everything else: a ClickHouse node whose ZooKeeper is gone stalls its shutdown
+STOP_LAST = ("zookeeper",)
 
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 _HANDED_OUT: set[int] = set()
@@ -156,16 +167,17 @@ def _executable(name: str) -> str:
     return found
 
 
-def _apt_install(package: str) -> None:
-    """Install a Debian package on demand, so a fresh machine needs no manual step."""
+def _apt_install(*packages: str) -> None:
+    """Install Debian packages on demand, so a fresh machine needs no manual step."""
+    names = " ".join(packages)
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise StackError(f"{package} is not installed: run `sudo apt-get install -y {package}`")
+        raise StackError(f"{names} is not installed: run `sudo apt-get install -y {names}`")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", package]
+    install = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
     if subprocess.run(install, env=env, check=False).returncode != 0:
         subprocess.run(["apt-get", "update"], env=env, check=False)
         if subprocess.run(install, env=env, check=False).returncode != 0:
-            raise StackError(f"apt-get install {package} failed")
+            raise StackError(f"apt-get install {names} failed")
 
 
 def _spawn(cmd: Sequence[str], log: Path, cwd: Path) -> subprocess.Popen[bytes]:
@@ -518,6 +530,294 @@ def start_luigid(root: Path, port: int | None = None) -> Service:
     return Service("luigid", proc.pid, port, {"LUIGID_URL": url})
 
 
+# --- a ClickHouse cluster on one machine ---------------------------------------------------
+
+ZK_MAIN = COMMAND_MARKERS["zookeeper"]
+# slf4j binding that logs to stderr (our log file): no log4j configuration needed
+ZK_LOGGER_JAR = Path("/usr/share/java/slf4j-simple.jar")
+# start-up time and memory matter here, peak throughput does not
+ZK_JVM_FLAGS = ("-Xms32m", "-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1")
+ZK_TICK_MS = 1000
+# a killed node's session (and its replicas' is_active) lives this long; ZooKeeper grants
+# 2-20 ticks
+ZK_SESSION_TIMEOUT_MS = 10_000
+USERS_XML = Path("/etc/clickhouse-server/users.xml")
+DDL_QUEUE = "/clickhouse/task_queue/ddl"
+NODE_NAMES = ("node1", "node2")
+# both shapes over the same two nodes: the shard lists of each
+SHAPES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "cdc_replicated": (NODE_NAMES,),
+    "cdc_sharded": tuple((name,) for name in NODE_NAMES),
+}
+SHAPE_NAMES = {"replicated": "cdc_replicated", "sharded": "cdc_sharded"}
+
+
+@dataclass(frozen=True)
+class Node:
+    """One clickhouse-server: its ports (the other node's config names them) and macros."""
+
+    name: str
+    home: Path
+    tcp_port: int
+    http_port: int
+    interserver_port: int
+    macros: dict[str, str]
+
+    @property
+    def config_file(self) -> Path:
+        return self.home / "config.xml"
+
+    @property
+    def logs(self) -> list[Path]:
+        return [self.home / "stdout.log", self.home / "clickhouse.err.log"]
+
+    @property
+    def url(self) -> str:
+        return f"clickhouse://default:@{HOST}:{self.tcp_port}"
+
+
+@dataclass
+class LocalCluster:
+    """ZooKeeper, the nodes, and the node processes running now (restarts change their pids)."""
+
+    root: Path
+    zookeeper: Service
+    nodes: tuple[Node, ...]
+    running: dict[str, Service] = field(default_factory=dict)
+
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
+    def services(self) -> list[Service]:
+        return [*self.running.values(), self.zookeeper]
+
+    def env(self, shape: str) -> dict[str, str]:
+        """The pipeline's settings for one shape, connected to node1."""
+        return {
+            "CDC_WAREHOUSE_URL": self.nodes[0].url,
+            "CDC_CLUSTER": shape,
+            "CDC_REPLICATED_PATH_PREFIX": path_prefix(shape),
+        }
+
+
+def path_prefix(shape: str) -> str:
+    """The ZooKeeper prefix of a shape's replicated tables.
+
+    The nodes serve both shapes, where a node's shard differs (one shard in `cdc_replicated`,
+    two in `cdc_sharded`), so no `{shard}` macro fits both: each shape has its own, whose value
+    names the shape too, and a bare `{shard}` fails loudly ("No macro shard in config").
+    """
+    return f"/clickhouse/tables/{{{shape}_shard}}"
+
+
+def _zookeeper_classpath() -> list[str]:
+    """The server jars, installing ZooKeeper and a JRE when missing.
+
+    On Debian 12 `dpkg -L zookeeper` lists scripts only; the jars come from its dependency
+    libzookeeper-java, whose manifests name their own dependencies (the JVM follows them);
+    only an slf4j binding is added.
+    """
+    if shutil.which("java") is None or not _dpkg_installed("zookeeper"):
+        _apt_install("zookeeper", "default-jre-headless")
+    listed = subprocess.run(
+        ["dpkg", "-L", "zookeeper", "libzookeeper-java"], capture_output=True, text=True
+    ).stdout.split()
+    jars = sorted(
+        {p for p in listed if Path(p).name in ("zookeeper.jar", "zookeeper-jute.jar")},
+        key=lambda p: Path(p).name != "zookeeper.jar",
+    )
+    if len(jars) != 2 or not ZK_LOGGER_JAR.exists():
+        raise StackError(f"zookeeper: jars not found (dpkg lists {jars}, needs {ZK_LOGGER_JAR})")
+    return [*jars, str(ZK_LOGGER_JAR)]
+
+
+def _dpkg_installed(package: str) -> bool:
+    done = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True
+    )
+    return done.stdout.strip().endswith("installed")
+
+
+def _zk_session(port: int) -> None:
+    """Open and close one ZooKeeper session (the wire protocol's ConnectRequest).
+
+    `ruok` answers `imok` a moment before sessions are accepted, and a clickhouse-server
+    whose first sessions failed in that window was seen to crash (SIGSEGV) on its first
+    ON CLUSTER statement.
+    """
+    import struct
+
+    def exactly(sock: socket.socket, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = sock.recv(size - len(data))
+            if not chunk:
+                raise StackError("zookeeper: connection closed during the handshake")
+            data += chunk
+        return data
+
+    connect = struct.pack(">iqiqi16s", 0, 0, ZK_SESSION_TIMEOUT_MS, 0, 16, b"\0" * 16)
+    with socket.create_connection((HOST, port), timeout=2) as sock:
+        sock.sendall(struct.pack(">i", len(connect)) + connect)
+        reply = exactly(sock, struct.unpack(">i", exactly(sock, 4))[0])
+        if struct.unpack(">iiq", reply[:16])[2] == 0:
+            raise StackError("zookeeper: session refused")
+        sock.sendall(struct.pack(">iii", 8, 1, -11))  # closeSession
+        exactly(sock, struct.unpack(">i", exactly(sock, 4))[0])
+
+
+def start_zookeeper(root: Path, port: int | None = None) -> Service:
+    """A standalone ZooKeeper on loopback only, its admin server (port 8080) disabled."""
+    home = root.resolve() / "zookeeper"
+    port = port or free_port()
+    _require_free("zookeeper", port)
+    (home / "data").mkdir(parents=True, exist_ok=True)
+    settings = {
+        "tickTime": ZK_TICK_MS,
+        "dataDir": home / "data",
+        "clientPort": port,
+        "clientPortAddress": HOST,
+        "admin.enableServer": "false",
+        "4lw.commands.whitelist": "ruok,srvr,mntr",
+        "maxClientCnxns": 0,
+        "autopurge.snapRetainCount": 3,
+        "autopurge.purgeInterval": 1,
+    }
+    config = home / "zoo.cfg"
+    config.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
+    classpath = ":".join([str(home), *_zookeeper_classpath()])
+    java = shutil.which("java") or "java"
+    log = home / "zookeeper.log"
+    proc = _spawn([java, *ZK_JVM_FLAGS, "-cp", classpath, ZK_MAIN, str(config)], log, home)
+    _wait_ready("zookeeper", proc.pid, port, lambda: _zk_session(port), [log])
+    return Service("zookeeper", proc.pid, port, {})
+
+
+def _layout(root: Path) -> tuple[Node, ...]:
+    """Ports and macros of each node: `{replica}` is its name, `{<shape>_shard}` its shard."""
+    nodes = []
+    for name in NODE_NAMES:
+        macros = {"replica": name}
+        for shape, shards in SHAPES.items():
+            number = next(i for i, replicas in enumerate(shards, 1) if name in replicas)
+            macros[f"{shape}_shard"] = f"{shape}-{number:02d}"
+        ports = free_port(), free_port(), free_port()
+        nodes.append(Node(name, root / name, *ports, macros))
+    return tuple(nodes)
+
+
+def _remote_servers(nodes: Sequence[Node]) -> str:
+    """Both shapes. `internal_replication` lets replicated tables copy rows between replicas
+    themselves, and 18.16 refuses ALTER ... ON CLUSTER of replicated tables without it."""
+    port = {node.name: node.tcp_port for node in nodes}
+    clusters = []
+    for shape, shards in SHAPES.items():
+        body = "".join(
+            "<shard><internal_replication>true</internal_replication>"
+            + "".join(f"<replica><host>{HOST}</host><port>{port[n]}</port></replica>" for n in s)
+            + "</shard>"
+            for s in shards
+        )
+        clusters.append(f"<{shape}>{body}</{shape}>")
+    return f"<remote_servers>{''.join(clusters)}</remote_servers>"
+
+
+def _node_config(node: Node, nodes: Sequence[Node], zookeeper_port: int) -> str:
+    """A minimal config: every path under the node's home, loopback only."""
+    data = node.home / "data"
+    macros = "".join(f"<{k}>{escape(v)}</{k}>" for k, v in node.macros.items())
+    return f"""<?xml version="1.0"?>
+<yandex>
+    <logger><level>information</level><log>{node.home / "clickhouse.log"}</log>
+        <errorlog>{node.home / "clickhouse.err.log"}</errorlog><size>100M</size><count>3</count>
+    </logger>
+    <listen_host>{HOST}</listen_host>
+    <tcp_port>{node.tcp_port}</tcp_port>
+    <http_port>{node.http_port}</http_port>
+    <interserver_http_port>{node.interserver_port}</interserver_http_port>
+    <interserver_http_host>{HOST}</interserver_http_host>
+    <path>{data}/</path>
+    <tmp_path>{data}/tmp/</tmp_path>
+    <user_files_path>{data}/user_files/</user_files_path>
+    <format_schema_path>{data}/format_schemas/</format_schema_path>
+    <users_config>{USERS_XML}</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    <timezone>UTC</timezone>
+    <mark_cache_size>268435456</mark_cache_size>
+    <uncompressed_cache_size>268435456</uncompressed_cache_size>
+    <zookeeper>
+        <node><host>{HOST}</host><port>{zookeeper_port}</port></node>
+        <session_timeout_ms>{ZK_SESSION_TIMEOUT_MS}</session_timeout_ms>
+    </zookeeper>
+    <macros>{macros}</macros>
+    <distributed_ddl><path>{DDL_QUEUE}</path></distributed_ddl>
+    {_remote_servers(nodes)}
+</yandex>
+"""
+
+
+def start_node(cluster: LocalCluster, name: str) -> Service:
+    """Start (or restart) one node with its configuration and data.
+
+    A node started while its previous process still exits fails ("Cannot lock file
+    .../status"), so that process must be gone first.
+    """
+    node = cluster.node(name)
+    previous = cluster.running.get(name)
+    if previous is not None and _alive(previous.pid):
+        raise StackError(f"{name}: previous process {previous.pid} still running; stop it first")
+    _require_free(name, node.tcp_port, node.http_port, node.interserver_port)
+    stdout = node.home / "stdout.log"
+    proc = _spawn([_clickhouse_server(), f"--config-file={node.config_file}"], stdout, node.home)
+
+    def probe() -> None:  # a read of system.zookeeper proves node -> ZooKeeper too
+        from clickhouse_driver import Client
+
+        client = Client(host=HOST, port=node.tcp_port, connect_timeout=1, send_receive_timeout=5)
+        try:
+            client.execute("SELECT count() FROM system.zookeeper WHERE path = '/'")
+        finally:
+            client.disconnect()
+
+    _wait_ready(name, proc.pid, node.tcp_port, probe, node.logs)
+    service = Service(name, proc.pid, node.tcp_port, {})
+    cluster.running[name] = service
+    return service
+
+
+def stop_node(cluster: LocalCluster, name: str, timeout: float | None = None) -> None:
+    """Stop one node and wait until its process has exited."""
+    service = cluster.running.pop(name, None)
+    if service is not None:
+        stop_all([service], timeout)
+
+
+def start_cluster(root: Path) -> LocalCluster:
+    """ZooKeeper, then both nodes in parallel; all or nothing."""
+    root = root.resolve()
+    nodes = _layout(root)
+    _clickhouse_server()  # install before anything starts, not in two threads at once
+    cluster = LocalCluster(root, start_zookeeper(root), nodes)
+    for node in nodes:
+        (node.home / "data").mkdir(parents=True, exist_ok=True)
+        node.config_file.write_text(_node_config(node, nodes, cluster.zookeeper.port))
+    with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+        futures = [pool.submit(start_node, cluster, node.name) for node in nodes]
+    failures = [f.exception() for f in futures if f.exception() is not None]
+    if failures:
+        stop_cluster(cluster)
+        raise StackError("\n\n".join(str(exc) for exc in failures))
+    return cluster
+
+
+def stop_cluster(cluster: LocalCluster, timeout: float | None = None) -> None:
+    """The nodes first (in parallel), then ZooKeeper."""
+    stop_all(list(cluster.running.values()), timeout)
+    cluster.running.clear()
+    stop_all([cluster.zookeeper], timeout)
+
+
 STARTERS: dict[str, Callable[[Path], Service]] = {
     "mongodb": start_mongo,
     "postgres": start_postgres,
@@ -622,37 +922,64 @@ def _stack_env(root: Path, warehouse: str, services: Iterable[Service]) -> dict[
     return dict(sorted(env.items()))
 
 
-def up(root: Path, warehouse: str = "chdb") -> dict[str, str]:
-    """Start the whole stack under root (or reuse a running one) and write root/env."""
+def up(root: Path, warehouse: str = "chdb", shape: str = "sharded") -> dict[str, str]:
+    """Start the whole stack under root (or reuse a running one) and write root/env.
+
+    `shape` (`sharded` or `replicated`) is the cluster shape the env file names when the
+    warehouse is `cluster`; both run on the same nodes.
+    """
     if warehouse not in WAREHOUSES:
         raise StackError(f"warehouse must be one of {WAREHOUSES}, got {warehouse!r}")
+    if shape not in SHAPE_NAMES:
+        raise StackError(f"shape must be one of {tuple(SHAPE_NAMES)}, got {shape!r}")
     root = root.resolve()
-    running_warehouse, recorded = _load(root)
-    if recorded and running_warehouse == warehouse and all(_is_ours(s) for s in recorded):
+    kind = f"cluster ({shape})" if warehouse == "cluster" else warehouse
+    running_kind, recorded = _load(root)
+    if recorded and running_kind == kind and all(_is_ours(s) for s in recorded):
         pids = ", ".join(f"{s.name} {s.pid}" for s in recorded)
         print(f"stack already running under {root} ({pids})", file=sys.stderr)
         return read_env(root / "env")
     if recorded:
         dead = [s.name for s in recorded if not _is_ours(s)]
-        why = f"not running: {', '.join(dead)}" if dead else f"warehouse was {running_warehouse}"
+        why = f"not running: {', '.join(dead)}" if dead else f"warehouse was {running_kind}"
         print(f"restarting the stack under {root} ({why})", file=sys.stderr)
         down(root)
     names = [*CORE, *(["clickhouse"] if warehouse == "clickhouse" else []), "luigid"]
-    services = start_services(root, names)
-    ordered = [services[name] for name in names]
-    env = _stack_env(root, warehouse, ordered)
-    record = {"warehouse": warehouse, "services": [asdict(s) for s in ordered]}
+    ordered, extra = _start_all(root, names, SHAPE_NAMES[shape] if warehouse == "cluster" else "")
+    env = {**_stack_env(root, warehouse, ordered), **extra}
+    record = {"warehouse": kind, "services": [asdict(s) for s in ordered]}
     _services_file(root).write_text(json.dumps(record, indent=2) + "\n")
-    lines = [f"export {key}={shlex.quote(value)}" for key, value in env.items()]
+    lines = [f"export {key}={shlex.quote(value)}" for key, value in sorted(env.items())]
     (root / "env").write_text("\n".join(lines) + "\n")
     return env
+
+
+def _start_all(root: Path, names: list[str], shape: str) -> tuple[list[Service], dict[str, str]]:
+    """The services, and the cluster beside them when `shape` names one; all or none."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        cluster = pool.submit(start_cluster, root / "cluster") if shape else None
+        try:
+            services = start_services(root, names)
+        except StackError:
+            if cluster is not None and cluster.exception() is None:
+                stop_cluster(cluster.result())
+            raise
+    if cluster is None:
+        return [services[name] for name in names], {}
+    if cluster.exception() is not None:
+        stop_all(services.values())
+        raise StackError(f"cluster: {cluster.exception()}")
+    local = cluster.result()
+    return [*(services[n] for n in names), *local.services()], local.env(shape)
 
 
 def down(root: Path) -> None:
     """Stop everything `up` recorded; pids that already died or were reused are skipped."""
     root = root.resolve()
     _, recorded = _load(root)
-    stop_all([s for s in recorded if _is_ours(s)])
+    ours = [s for s in recorded if _is_ours(s)]
+    stop_all([s for s in ours if s.name not in STOP_LAST])
+    stop_all([s for s in ours if s.name in STOP_LAST])
     _services_file(root).unlink(missing_ok=True)
     (root / "env").unlink(missing_ok=True)
 
@@ -672,11 +999,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--warehouse", choices=WAREHOUSES, help="default: the running stack's, else chdb"
     )
+    parser.add_argument(
+        "--shape",
+        choices=tuple(SHAPE_NAMES),
+        default="sharded",
+        help="with --warehouse cluster: 2 shards x 1 replica (default) or 1 shard x 2 replicas",
+    )
     args = parser.parse_args(argv)
     root: Path = args.root
     try:
         if args.command == "up":
-            env = up(root, args.warehouse or _load(root.resolve())[0] or "chdb")
+            running = _load(root.resolve())[0].split(" ")[0]
+            env = up(root, args.warehouse or running or "chdb", args.shape)
             print(f"stack up; settings in {root / 'env'} (source it to use them)")
             print(f"luigid UI: {env['LUIGID_URL']}")
         elif args.command == "down":

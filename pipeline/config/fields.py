@@ -132,7 +132,8 @@ FIELDS: tuple[Field, ...] = (
         "ddl_timeout_seconds",
         "300",
         "how long an `ON CLUSTER` statement waits for every node",
-        kind="int",
+        "CDC_DDL_TIMEOUT_SECONDS",
+        "int",
     ),
 )
 FIELD = {f.key: f for f in FIELDS}

@@ -2,8 +2,8 @@
 
 `luigi --module pipeline RunAll` finds the tasks here (`pipeline.graph`); heavy libraries load
 only inside tasks. Importing `ops.audit` and `ops.alerts` registers their Luigi event handlers
-(run audit, failure alerts). A process that `luigi` itself started runs without pandas (see
-`runtime.without_pandas`).
+(run audit, failure alerts); `ops.workers` lets several workers share one luigid. A process
+that `luigi` itself started runs without pandas (see `runtime.without_pandas`).
 """
 
 import sys
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline import runtime
 from pipeline.graph import BuildMart, Extract, ExtractRange, LoadRaw, PlanRanges, RunAll, Snapshot
-from pipeline.ops import alerts, audit
+from pipeline.ops import alerts, audit, workers
 
 if Path(sys.argv[0]).name == "luigi" or sys.argv[0].endswith("luigi/__main__.py"):
     runtime.without_pandas()
@@ -26,4 +26,5 @@ __all__ = [
     "Snapshot",
     "alerts",
     "audit",
+    "workers",
 ]

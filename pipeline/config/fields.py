@@ -118,7 +118,7 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "cluster",
         "",
-        "a cluster of the server's `remote_servers`: replicated, sharded tables (empty: one server)",
+        "a cluster of `remote_servers`: replicated, sharded tables (empty: one server)",
         "CDC_CLUSTER",
         example="`cdc_sharded`",
     ),

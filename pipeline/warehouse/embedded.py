@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 _SESSIONS: dict[str, Any] = {}
+_OPENED_BY = [0]  # the pid that opened the sessions: a forked child inherits them, unusable
 PURGE_STEP_MB = 64
 
 
@@ -39,16 +40,35 @@ def rss_mb() -> float:
         return 0.0
 
 
+ONE_PROCESS = (
+    "chDB is embedded in one process, so one process at a time can use {path}: run one Luigi"
+    " worker (no --workers N, no second luigi, cdc-run or assistant on this warehouse), or"
+    " set CDC_WAREHOUSE_URL to a ClickHouse server (clickhouse://...) to run several"
+)
+
+
 def _session(path: str) -> Any:
     from chdb import session
 
+    if _SESSIONS and _OPENED_BY[0] != os.getpid():  # a forked worker (luigi --workers N)
+        raise WarehouseError(
+            f"this process ({os.getpid()}) was forked from process {_OPENED_BY[0]}, which has"
+            " chDB open. " + ONE_PROCESS.format(path=path)
+        )
     if path not in _SESSIONS:
         if _SESSIONS:
             other = next(iter(_SESSIONS))
             raise WarehouseError(
                 f"chDB already serves {other} in this process; it cannot also open {path}"
             )
-        _SESSIONS[path] = session.Session(path)
+        try:
+            _SESSIONS[path] = session.Session(path)
+        except Exception as exc:  # chDB's own words: "Error initializing EmbeddedServer"
+            raise WarehouseError(
+                f"chDB could not open {path}; another process probably has it open ({exc})."
+                " " + ONE_PROCESS.format(path=path)
+            ) from exc
+        _OPENED_BY[0] = os.getpid()
         if len(_SESSIONS) == 1:
             atexit.register(_close_sessions)
     return _SESSIONS[path]

@@ -41,6 +41,7 @@ import luigi
 
 from pipeline import runtime
 from pipeline.core.batch import batch_id_problem, new_batch_id
+from pipeline.core.errors import ConfigError
 from pipeline.graph import RunAll
 from pipeline.ops import alerts, audit
 from pipeline.ops.batches import unfinished_batch
@@ -177,6 +178,21 @@ def assist(scheduler_url: str) -> int:
     return EXIT_OK
 
 
+def _assistant_refusal() -> str | None:
+    """Why this machine cannot serve other machines' batches, if it cannot."""
+    try:
+        url = runtime.settings().warehouse_url
+    except ConfigError as exc:
+        return str(exc)
+    if url.startswith("chdb://"):
+        return (
+            "it serves the batches of other machines, but CDC_WAREHOUSE_URL is chDB, embedded"
+            " in this process only; use a ClickHouse server (clickhouse://...) to run workers"
+            " on several machines"
+        )
+    return None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cdc-run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -224,6 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.assistant:
         if not args.scheduler_url:
             print("cdc-run: --assistant needs --scheduler-url (or LUIGID_URL)", file=sys.stderr)
+            return EXIT_CONFIG
+        refused = _assistant_refusal()
+        if refused:
+            print(f"cdc-run: --assistant: {refused}", file=sys.stderr)
             return EXIT_CONFIG
         return assist(args.scheduler_url)
     return supervised_run(args)

@@ -18,8 +18,10 @@ RUNS = "_cdc_runs"  # the run audit, a row per task run
 # columns the raw load adds to every row
 LOAD_META_COLUMNS = ("_batch_id", "_loaded_at", "_row_hash", "_check_hash", "_check_cols")
 # columns a change source (a database log) stages with each change: the operation, its order
-# in the batch (`_seq`), where and when it was committed, and which columns it left unchanged
-OP, SEQ, UNCHANGED = "_op", "_seq", "_unchanged"
+# in the batch (`_seq`), where and when it was committed, which columns it left unchanged, and
+# the key the row had before, when the change moved it to another key (`_old_key`, encoded as
+# `hashing.encode_key` does: its unchanged columns are that key's)
+OP, SEQ, UNCHANGED, OLD_KEY = "_op", "_seq", "_unchanged", "_old_key"
 CHANGE_TIME = {"log": "_commit_ts", "changestream": "_wall_time"}
 CHANGE_META_COLUMNS = (
     OP,
@@ -30,6 +32,7 @@ CHANGE_META_COLUMNS = (
     "_cluster_time",
     "_wall_time",
     UNCHANGED,
+    OLD_KEY,
 )
 # `_op` of the rows of a whole re-read (a first load or a resync) of a change entity
 SCAN_OP = "scan"

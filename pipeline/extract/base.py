@@ -13,13 +13,15 @@ plus one line in `pipeline.extract.SOURCES`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 from pipeline.checks import check_columns
 from pipeline.config import Entity, Settings
 from pipeline.core.errors import ConfigError
+from pipeline.core.manifest import Manifest
+from pipeline.staging import Store
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -32,6 +34,9 @@ class Read:
     batches: Iterator[pa.RecordBatch]
     window: dict[str, str | None] = field(default_factory=dict)
     whole: bool | None = None  # a whole re-read of the source (None: as the entity's mode says)
+    # parts the source staged itself, in subdirectories of the batch, before `batches` (the
+    # resumable chunks of a first load); the batch's manifest lists them first
+    staged: list[Manifest] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class Context:
 
     `position` is where the last loaded batch ended (None before the first); `known_columns`
     are the raw table's columns, which a field no document holds any more still counts as.
+    `store` opens staging, for a source that checkpoints a long read inside its batch's prefix.
     """
 
     settings: Settings
@@ -58,6 +64,7 @@ class Context:
     batch_id: str
     position: str | None = None
     known_columns: frozenset[str] = frozenset()
+    store: Callable[[], Store] | None = None
 
 
 class Source(ABC):

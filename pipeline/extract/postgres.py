@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipeline")
 
-# Session settings the text the server sends depends on; fixed so output is the same everywhere.
-_SESSION = {
+# Session settings the text the server sends depends on; fixed so output is the same everywhere
+# (log-based capture gives its walsender the same, so both read a value as the same text).
+SESSION = {
     "TimeZone": "UTC",
     "DateStyle": "ISO, YMD",
     "IntervalStyle": "iso_8601",
@@ -66,9 +67,9 @@ def configure(conn: Any) -> None:
     """Fix the session settings the server's text output depends on (outside any transaction)."""
     conn.autocommit = True
     conn.set_client_encoding("UTF8")
-    calls = ", ".join(["set_config(%s, %s, false)"] * len(_SESSION))
+    calls = ", ".join(["set_config(%s, %s, false)"] * len(SESSION))
     with conn.cursor() as cur:
-        cur.execute(f"SELECT {calls}", [v for pair in _SESSION.items() for v in pair])
+        cur.execute(f"SELECT {calls}", [v for pair in SESSION.items() for v in pair])
 
 
 def split_table(object_name: str) -> tuple[str, str]:

@@ -82,7 +82,7 @@ def open_source(entity: Entity, batch: str, position: str | None = None) -> Sour
     known: frozenset[str] = frozenset()
     if wh.table_exists(cfg.database, entity.raw_table):
         known = frozenset(wh.columns(cfg.database, entity.raw_table))
-    return source_for(Context(cfg, entity, batch, position, known))
+    return source_for(Context(cfg, entity, batch, position, known, runtime.store))
 
 
 class Extract(EntityTask):
@@ -134,6 +134,9 @@ class Extract(EntityTask):
         manifest.window = read.window
         if read.whole is not None:
             manifest.full_scan = read.whole
+        for staged in read.staged:
+            manifest.parts.extend(staged.parts)
+            manifest.rows += staged.rows
         if entity.reconcile:
             keys = new_manifest(entity, self.batch)
             manifest.keys_rows = write_batch(

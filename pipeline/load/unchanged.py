@@ -5,6 +5,11 @@ without its value, even under REPLICA IDENTITY FULL. The change source stages su
 NULL and names it in `_unchanged`; here it takes the value of the key's previous row: an
 earlier change of the same batch, or else the newest raw row of the key (every earlier
 change, the first load included, is in raw, already filled). Never NULL, never an error.
+
+A change that moved a row to another key (a primary-key UPDATE, staged as a delete of the old
+key and, in the same part, an insert of the new one) names the old key in `_old_key`: its
+unchanged columns are the old key's. A delete's own row is never a previous value (under
+REPLICA IDENTITY DEFAULT it holds the key alone), so deletes are passed over.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.config import Entity
 from pipeline.core.errors import LoadError
 from pipeline.core.hashing import encode_key
-from pipeline.core.names import SEQ, UNCHANGED
+from pipeline.core.names import OLD_KEY, OP, SEQ, UNCHANGED
 from pipeline.warehouse import Warehouse, qualified, quote_ident
 
 if TYPE_CHECKING:
@@ -41,20 +46,26 @@ def fill_unchanged(wh: Warehouse, database: str, entity: Entity, part: pa.Table)
     if isinstance(encoded, pa.ChunkedArray):
         encoded = encoded.combine_chunks()
     keys = encoded.to_pylist()
+    sources = list(keys)  # whose previous row each row's unchanged columns take
+    if OLD_KEY in part.column_names:
+        olds = part.column(OLD_KEY).to_pylist()
+        sources = [old or key for old, key in zip(olds, keys, strict=True)]
+    ops = part.column(OP).to_pylist() if OP in part.column_names else [None] * len(keys)
     seqs = part.column(SEQ).to_pylist()
-    order = sorted(range(part.num_rows), key=lambda i: (keys[i], seqs[i]))
+    order = sorted(range(part.num_rows), key=seqs.__getitem__)
     columns = {name: part.column(name).to_pylist() for name in names}
     missing: dict[str, list[int]] = {name: [] for name in names}
     for name in names:
         values, known = columns[name], dict[str, Any]()
         for row in order:
             if name in marks[row]:
-                if keys[row] in known:
-                    values[row] = known[keys[row]]
+                if sources[row] in known:
+                    values[row] = known[sources[row]]
                 else:
                     missing[name].append(row)
-            known[keys[row]] = values[row]
-    _from_raw(wh, database, entity, part, keys, columns, missing)
+            if ops[row] != "delete":
+                known[keys[row]] = values[row]
+    _from_raw(wh, database, entity, part, (keys, sources), columns, missing)
     for name in names:
         index = part.column_names.index(name)
         typed = pa.array(columns[name], part.schema.field(name).type)
@@ -67,23 +78,30 @@ def _from_raw(
     database: str,
     entity: Entity,
     part: pa.Table,
-    keys: list[str],
+    keys_and_sources: tuple[list[str], list[str]],
     columns: dict[str, list[Any]],
     missing: dict[str, list[int]],
 ) -> None:
-    """Fill the rows whose previous value is in an earlier load, from the newest raw row."""
+    """Fill the rows whose previous value is in an earlier load, from the newest raw row.
+
+    An old key's values are read from the part's row of that key (the delete beside the move).
+    """
+    own, keys = keys_and_sources
     rows = sorted({row for found in missing.values() for row in found})
     if not rows:
         return
     names = [n for n in columns if missing[n]]
     key_cols = list(entity.unique_key)
-    key_values = part.select(key_cols).take(rows).to_pylist()
+    row_of = {key: row for row, key in enumerate(own)}
+    holders = [row_of.get(keys[row], row) for row in rows]
+    key_values = part.select(key_cols).take(holders).to_pylist()
     wanted = {keys[row]: tuple(key_values[i][k] for k in key_cols) for i, row in enumerate(rows)}
     latest: dict[str, dict[str, Any]] = {}
     pending = list(wanted.items())
+    changes = OP in part.column_names
     for start in range(0, len(pending), KEYS_PER_QUERY):
         chunk = pending[start : start + KEYS_PER_QUERY]
-        for found in _latest(wh, database, entity, names, [v for _, v in chunk]):
+        for found in _latest(wh, database, entity, names, [v for _, v in chunk], changes):
             latest[_encode(found, entity)] = found
     for name in names:
         for row in missing[name]:
@@ -103,18 +121,20 @@ def _latest(
     entity: Entity,
     names: list[str],
     key_values: list[tuple[Any, ...]],
+    skip_deletes: bool = False,
 ) -> list[dict[str, Any]]:
     """The newest loaded value of each column for each key (changes are ordered by batch, then
-    `_seq`; a first load sorts before the changes of its batch)."""
+    `_seq`; a first load sorts before the changes of its batch), deletes passed over."""
     key_cols = ", ".join(quote_ident(k) for k in entity.unique_key)
     latest = ", ".join(
         f"argMax({quote_ident(n)}, tuple(_batch_id, {SEQ})) AS {quote_ident(n)}" for n in names
     )
+    only = f" AND {OP} != 'delete'" if skip_deletes else ""
     one = len(entity.unique_key) == 1
     values = [v[0] for v in key_values] if one else key_values
     table = wh.query_arrow(
         f"SELECT {key_cols}, {latest} FROM {qualified(database, entity.raw_table)}"
-        f" WHERE ({key_cols}) IN %(keys)s GROUP BY {key_cols}",
+        f" WHERE ({key_cols}) IN %(keys)s{only} GROUP BY {key_cols}",
         {"keys": tuple(values)},
     )
     found: list[dict[str, Any]] = table.to_pylist()

@@ -11,11 +11,15 @@ from pipeline.core.choices import SOURCES as SOURCE_KINDS
 from pipeline.core.errors import ConfigError
 from pipeline.extract.base import CaptureStatus, Context, Read, Source
 from pipeline.extract.mongo import MongoSource
+from pipeline.extract.mongo_changestream import MongoChangeStreamSource
 from pipeline.extract.postgres import PostgresSource
+from pipeline.extract.postgres_log import PostgresLogSource
 
 SOURCES: tuple[type[Source], ...] = (
     MongoSource,
+    MongoChangeStreamSource,
     PostgresSource,
+    PostgresLogSource,
 )
 BY_MODE: dict[tuple[str, str], type[Source]] = {
     (source.kind, mode): source for source in SOURCES for mode in source.modes

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.core.names import RAW_META_COLUMNS
 from pipeline.core.secrets import mask_dsn
@@ -273,7 +273,7 @@ class PostgresSource(Source):
     """A table, read incrementally on `updated_at` (or whole with `mode = full`)."""
 
     kind = "postgres"
-    modes = ("incremental", "full")
+    modes: ClassVar[tuple[str, ...]] = ("incremental", "full")
     noun = "PostgreSQL table"
 
     def read(self) -> Read:

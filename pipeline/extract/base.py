@@ -26,6 +26,8 @@ from pipeline.staging import Store
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from pipeline.warehouse import Warehouse
+
 
 @dataclass
 class Read:
@@ -56,7 +58,9 @@ class Context:
 
     `position` is where the last loaded batch ended (None before the first); `known_columns`
     are the raw table's columns, which a field no document holds any more still counts as.
-    `store` opens staging, for a source that checkpoints a long read inside its batch's prefix.
+    `store` opens staging, for a source that checkpoints a long read inside its batch's prefix;
+    `warehouse` opens the warehouse, for a change source reading a key's previous state from
+    its raw table.
     """
 
     settings: Settings
@@ -65,6 +69,7 @@ class Context:
     position: str | None = None
     known_columns: frozenset[str] = frozenset()
     store: Callable[[], Store] | None = None
+    warehouse: Callable[[], Warehouse] | None = None
 
 
 class Source(ABC):
@@ -120,6 +125,11 @@ class Source(ABC):
     def read_range(self, plan: bytes, index: int) -> Iterator[pa.RecordBatch]:
         """The rows of one range of the plan."""
         raise ConfigError(f"{self.described}: {self.kind} sources cannot be partitioned")
+
+    def ranges_window(self, plan: bytes) -> tuple[dict[str, str | None], bool | None]:
+        """The window of a batch read in ranges, once every range is staged, and whether it
+        is a whole re-read (None: as the entity's mode says). Row sources have none."""
+        return {}, None
 
     def check_columns(self, columns: Collection[str]) -> None:
         """Refuse settings naming columns the source does not have (nothing is written yet)."""

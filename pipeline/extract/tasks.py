@@ -82,7 +82,8 @@ def open_source(entity: Entity, batch: str, position: str | None = None) -> Sour
     known: frozenset[str] = frozenset()
     if wh.table_exists(cfg.database, entity.raw_table):
         known = frozenset(wh.columns(cfg.database, entity.raw_table))
-    return source_for(Context(cfg, entity, batch, position, known, runtime.store))
+    context = Context(cfg, entity, batch, position, known, runtime.store, runtime.warehouse)
+    return source_for(context)
 
 
 class Extract(EntityTask):
@@ -93,11 +94,20 @@ class Extract(EntityTask):
 
     def requires(self) -> list[luigi.Task]:
         entity = runtime.settings().entity(self.entity)
+        parts = entity.partitions
+        if parts > 1 and entity.captures_changes:  # only its bootstrap scan is partitioned
+            parts = open_source(entity, self.batch, self._position(entity)).partitions()
         return [
             ExtractRange(entity=self.entity, batch=self.batch, index=i)
-            for i in range(entity.partitions)
-            if entity.partitions > 1
+            for i in range(parts)
+            if parts > 1
         ]
+
+    def _position(self, entity: Entity) -> str | None:
+        """Where the entity's last loaded batch ended (sources that read what changed)."""
+        if not entity.keeps_raw_history:
+            return None
+        return load_position(runtime.warehouse(), runtime.settings().database, entity.name)
 
     def output(self) -> luigi.Target:
         return StagingTarget(runtime.store(), runtime.settings().entity(self.entity), self.batch)
@@ -109,9 +119,12 @@ class Extract(EntityTask):
         manifest = new_manifest(entity, self.batch)
         if self.requires():
             ranges = [target.manifest() for target in self.input()]
-            open_source(entity, self.batch).check_scanned(
-                set().union(*(m.columns() for m in ranges))
-            )
+            source = open_source(entity, self.batch, self._position(entity))
+            source.check_scanned(set().union(*(m.columns() for m in ranges)))
+            plan = PlanRanges(entity=self.entity, batch=self.batch).output().read()
+            manifest.window, whole = source.ranges_window(plan)
+            if whole is not None:
+                manifest.full_scan = whole
             merge_manifests(runtime.store(), manifest, ranges)
         else:
             self._stage(entity, manifest)
@@ -124,9 +137,7 @@ class Extract(EntityTask):
 
     def _stage(self, entity: Entity, manifest: Manifest) -> None:
         cfg = runtime.settings()
-        position = None
-        if entity.keeps_raw_history:
-            position = load_position(runtime.warehouse(), cfg.database, entity.name)
+        position = self._position(entity)
         started = time.perf_counter()  # the position above is the warehouse's time
         source = open_source(entity, self.batch, position)
         read = source.read()

@@ -24,7 +24,7 @@ from pipeline.extract.tasks import open_source
 from pipeline.ops.audit import describe_error
 from pipeline.ops.batches import unfinished_batch
 from pipeline.snapshot.storage import Names
-from pipeline.state import last_done, load_watermark
+from pipeline.state import last_done, load_position, load_watermark
 from pipeline.warehouse import Warehouse, qualified
 
 STAGE_ORDER = ("extract", "plan_ranges", "extract_range", "raw", "snapshot", "mart", "run")
@@ -156,7 +156,8 @@ def capture_status(cfg: Settings) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for entity in cfg.entities:
         if entity.captures_changes:
-            source = open_source(entity, "")
+            position = load_position(runtime.warehouse(), cfg.database, entity.name)
+            source = open_source(entity, "", position)
             rows += [asdict(line) for line in source.status()]
     return rows
 

@@ -1,0 +1,81 @@
+"""The previous state of changed keys, read from the entity's raw table.
+
+The raw table of a change-stream entity holds every state loaded since the last full scan
+(that scan's rows included), one row per event, ordered by batch and `_seq`; a key's newest
+row is its state, a delete row says it is gone. Only keys whose first event in a batch is not
+an insert are asked for, in one query per chunk of events, so a batch costs its changes and
+not the collection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pipeline.config import Entity
+from pipeline.core.names import OP, RAW_META_COLUMNS, SEQ
+from pipeline.extract.change_events import Document, key_of
+from pipeline.extract.change_rows import (
+    column_kinds,
+    document_from_row,
+    stored_difference,
+    stored_value,
+)
+from pipeline.extract.documents import FieldMapping
+from pipeline.warehouse import Warehouse, qualified, quote_ident
+
+IDS_PER_QUERY = 5_000
+
+
+class RawStates:
+    """Looks keys up in `raw_<entity>` from the batch of the last full scan on."""
+
+    def __init__(
+        self, wh: Warehouse, database: str, entity: Entity, scan_batch: str, mapping: FieldMapping
+    ) -> None:
+        self.wh, self.database, self.entity = wh, database, entity
+        self.scan_batch = scan_batch
+        self.mapping = mapping
+        self.whole_seconds = not wh.features.datetime64
+        types = (
+            wh.columns(database, entity.raw_table)
+            if wh.table_exists(database, entity.raw_table)
+            else {}
+        )
+        self.columns = [c for c in types if c not in RAW_META_COLUMNS]
+        self.kinds = column_kinds({c: types[c] for c in self.columns})
+
+    def lookup(self, ids: Sequence[Any]) -> list[tuple[Any, Document | None]]:
+        """Each id with its newest loaded state (None: never loaded since the scan, or deleted)."""
+        found: dict[Any, Document | None] = {}
+        if self.columns:
+            for start in range(0, len(ids), IDS_PER_QUERY):
+                found.update(self._query(ids[start : start + IDS_PER_QUERY]))
+        return [(i, found.get(key_of(i))) for i in ids]
+
+    def _query(self, ids: Sequence[Any]) -> dict[Any, Document | None]:
+        kind = self.kinds.get("_id")
+        stored = {stored_value(i, kind, self.whole_seconds)[1]: i for i in ids}
+        columns = ", ".join(quote_ident(c) for c in self.columns)
+        table = self.wh.query_arrow(
+            f"SELECT {columns}, {OP} FROM {qualified(self.database, self.entity.raw_table)}"
+            " WHERE _batch_id >= %(scan)s AND `_id` IN %(ids)s"
+            f" ORDER BY _batch_id DESC, {SEQ} DESC LIMIT 1 BY `_id`",
+            {"scan": self.scan_batch, "ids": tuple(stored)},
+        )
+        states: dict[Any, Document | None] = {}
+        for row in table.to_pylist():
+            document_id = stored.get(row["_id"])
+            if document_id is None:
+                continue
+            if row[OP] == "delete":
+                states[key_of(document_id)] = None
+                continue
+            document = document_from_row(row, self.kinds, self.mapping)
+            document["_id"] = document_id
+            states[key_of(document_id)] = document
+        return states
+
+    def difference(self, known: Mapping[str, Any], pre_image: Mapping[str, Any]) -> str | None:
+        """The first field where a state and a pre-image differ as this raw table stores them."""
+        return stored_difference(known, pre_image, self.kinds, self.mapping, self.whole_seconds)

@@ -51,6 +51,8 @@ SESSION_SETTINGS: dict[str, Any] = {
 USER_SQL_SETTINGS: dict[str, Any] = {"distributed_product_mode": "global"}
 _ENGINE = re.compile(r"^\s*([A-Za-z]\w*)\s*(?:\((.*)\))?\s*$", re.DOTALL)
 _MACRO = re.compile(r"\{(\w+)\}")
+# the node a refused connection names: "Connection refused (127.0.0.1:9000)"
+_ADDRESS = re.compile(r"\((\[?[\w.:\-]+\]?:\d+)\)")
 POLL_S = 0.05
 
 
@@ -172,10 +174,10 @@ def require_nodes(wh: Warehouse, cluster: Cluster) -> None:
     try:
         wh.scalar(f"SELECT count() FROM {on_every_node('system', 'one')}", params)
     except WarehouseError as exc:
-        first = str(exc).strip().splitlines()
+        down = sorted(set(_ADDRESS.findall(str(exc)))) or ["?"]
         raise WarehouseError(
-            f"cluster {cluster.name}: a node does not answer ({' '.join(first[:3])[:300]});"
-            " DDL ON CLUSTER needs every node up: start it and run again",
+            f"cluster {cluster.name}: node {', '.join(down)} does not answer; DDL ON CLUSTER"
+            " needs every node of the cluster up: start it and run again",
             retriable=True,
         ) from exc
 

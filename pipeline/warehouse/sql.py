@@ -12,7 +12,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
-_PARAM = re.compile(r"%\((\w+)\)s")
+_PARAM = re.compile(r"%%|%\((\w+)\)s")  # %% is a literal %, as in the server's driver
 
 
 def quote_ident(name: str) -> str:
@@ -54,10 +54,11 @@ def literal(value: Any) -> str:
 
 
 def render(sql: str, params: Mapping[str, Any] | None) -> str:
-    """Substitute %(name)s placeholders with escaped literals."""
+    """Substitute %(name)s placeholders with escaped literals (and %% with %, as clickhouse-driver
+    does with parameters: the same statement means the same on both backends)."""
     if not params:
         return sql
-    return _PARAM.sub(lambda m: literal(params[m.group(1)]), sql)
+    return _PARAM.sub(lambda m: "%" if m.group(1) is None else literal(params[m.group(1)]), sql)
 
 
 def key_fingerprint(keys: tuple[str, ...]) -> str:

@@ -63,12 +63,19 @@ def clickhouse(stack_root: Path) -> Iterator[stack.Service]:
 
 
 @pytest.fixture(scope="session")
+def chdb_url(stack_root: Path) -> str:
+    """The session's embedded warehouse. chDB serves one data directory per process, so every
+    test of the session that uses chDB uses this one (no other server needs to run for it)."""
+    return f"chdb://{stack_root.resolve() / 'warehouse'}"
+
+
+@pytest.fixture(scope="session")
 def stack_env(
-    mongo: stack.Service, postgres: stack.Service, s3: stack.Service, stack_root: Path
+    mongo: stack.Service, postgres: stack.Service, s3: stack.Service, chdb_url: str
 ) -> dict[str, str]:
     """The CDC_* settings of the session's sources, with an embedded chDB warehouse."""
     env = {**mongo.env, **postgres.env, **s3.env}
-    env["CDC_WAREHOUSE_URL"] = f"chdb://{stack_root.resolve() / 'warehouse'}"
+    env["CDC_WAREHOUSE_URL"] = chdb_url
     env["CDC_DATABASE"] = stack.DATABASE
     return env
 

@@ -23,11 +23,15 @@ $(BIN)/.installed: setup.cfg
 
 install: $(BIN)/.installed
 
-# Debian packages the tests need: PostgreSQL 15, ClickHouse server, Chromium (report page test).
+# Debian packages the tests need: PostgreSQL 15, ClickHouse server, Chromium (report page test),
+# ZooKeeper and a JRE (the local cluster; the zookeeper package brings the jars and slf4j).
 system-deps:
 	@need=""; \
 	[ -x /usr/lib/postgresql/15/bin/initdb ] || need="$$need postgresql"; \
 	command -v clickhouse-server >/dev/null || need="$$need clickhouse-server"; \
+	[ -f /usr/share/java/zookeeper.jar ] || need="$$need zookeeper"; \
+	[ -f /usr/share/java/slf4j-simple.jar ] || need="$$need libslf4j-java"; \
+	command -v java >/dev/null || need="$$need default-jre-headless"; \
 	command -v chromium >/dev/null || need="$$need chromium"; \
 	if [ -n "$$need" ]; then \
 	  echo "installing:$$need"; \

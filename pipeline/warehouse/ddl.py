@@ -151,9 +151,11 @@ def drop_table(wh: Warehouse, database: str, table: str) -> None:
     if c is None:
         wh.execute(f"DROP TABLE IF EXISTS {qualified(database, table)}")
         return
+    # Atomic databases (21.1+) free a dropped table's ZooKeeper path minutes later unless SYNC
+    sync = " SYNC" if wh.features.lightweight_exchange else ""
     for name in (table, cl.local_name(table)):
         if wh.table_exists(database, name):
-            cl.ddl(wh, c, f"DROP TABLE IF EXISTS {qualified(database, name)}{c.on}")
+            cl.ddl(wh, c, f"DROP TABLE IF EXISTS {qualified(database, name)}{c.on}{sync}")
 
 
 def create_view(wh: Warehouse, database: str, view: str, select: str) -> None:

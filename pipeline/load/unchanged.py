@@ -14,6 +14,7 @@ REPLICA IDENTITY DEFAULT it holds the key alone), so deletes are passed over.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Entity
@@ -45,32 +46,68 @@ def fill_unchanged(wh: Warehouse, database: str, entity: Entity, part: pa.Table)
     encoded = encode_key(part, entity.unique_key)
     if isinstance(encoded, pa.ChunkedArray):
         encoded = encoded.combine_chunks()
-    keys = encoded.to_pylist()
+    keys: list[str] = encoded.to_pylist()
     sources = list(keys)  # whose previous row each row's unchanged columns take
     if OLD_KEY in part.column_names:
         olds = part.column(OLD_KEY).to_pylist()
         sources = [old or key for old, key in zip(olds, keys, strict=True)]
     ops = part.column(OP).to_pylist() if OP in part.column_names else [None] * len(keys)
     seqs = part.column(SEQ).to_pylist()
-    order = sorted(range(part.num_rows), key=seqs.__getitem__)
-    columns = {name: part.column(name).to_pylist() for name in names}
-    missing: dict[str, list[int]] = {name: [] for name in names}
-    for name in names:
-        values, known = columns[name], dict[str, Any]()
-        for row in order:
-            if name in marks[row]:
-                if sources[row] in known:
-                    values[row] = known[sources[row]]
-                else:
-                    missing[name].append(row)
-            if ops[row] != "delete":
-                known[keys[row]] = values[row]
-    _from_raw(wh, database, entity, part, (keys, sources), columns, missing)
-    for name in names:
+    walk = _Walk(
+        sorted(range(part.num_rows), key=seqs.__getitem__),
+        marks,
+        keys,
+        sources,
+        [op == "delete" for op in ops],
+        {name: part.column(name).to_pylist() for name in names},
+    )
+    missing = walk.fill({})
+    if missing:
+        earlier = _from_raw(wh, database, entity, part, keys, missing)
+        missing = walk.fill(earlier)
+    if missing:
+        source, name = min(missing)
+        raise LoadError(
+            f"{entity.name}: column {name!r} of key {source!r} ({list(entity.unique_key)}) was"
+            " sent unchanged, but no earlier row of the key was loaded to take it from",
+            entity=entity.name,
+        )
+    for name, values in walk.columns.items():
         index = part.column_names.index(name)
-        typed = pa.array(columns[name], part.schema.field(name).type)
+        typed = pa.array(values, part.schema.field(name).type)
         part = part.set_column(index, part.schema.field(name), typed)
     return part
+
+
+@dataclass
+class _Walk:
+    """The part's rows in commit order, each unchanged value taken from the previous row of
+    its source key: earlier in the part, else `earlier` (the newest raw row of that key)."""
+
+    order: list[int]
+    marks: list[set[str]]
+    keys: list[str]
+    sources: list[str]
+    deletes: list[bool]
+    columns: dict[str, list[Any]]
+
+    def fill(self, earlier: dict[str, dict[str, Any]]) -> set[tuple[str, str]]:
+        """Fill what can be filled; the (source key, column) pairs found nowhere."""
+        missing: set[tuple[str, str]] = set()
+        for name, values in self.columns.items():
+            known: dict[str, Any] = {}
+            for row in self.order:
+                if name in self.marks[row]:
+                    source = self.sources[row]
+                    if source in known:
+                        values[row] = known[source]
+                    elif source in earlier:
+                        values[row] = earlier[source][name]
+                    else:
+                        missing.add((source, name))
+                if not self.deletes[row]:
+                    known[self.keys[row]] = values[row]
+        return missing
 
 
 def _from_raw(
@@ -78,41 +115,24 @@ def _from_raw(
     database: str,
     entity: Entity,
     part: pa.Table,
-    keys_and_sources: tuple[list[str], list[str]],
-    columns: dict[str, list[Any]],
-    missing: dict[str, list[int]],
-) -> None:
-    """Fill the rows whose previous value is in an earlier load, from the newest raw row.
-
-    An old key's values are read from the part's row of that key (the delete beside the move).
-    """
-    own, keys = keys_and_sources
-    rows = sorted({row for found in missing.values() for row in found})
-    if not rows:
-        return
-    names = [n for n in columns if missing[n]]
+    keys: list[str],
+    missing: set[tuple[str, str]],
+) -> dict[str, dict[str, Any]]:
+    """The newest raw row of each source key the part alone cannot fill from. A key's values
+    are read from the part's row of that key (for an old key: the delete beside the move)."""
+    names = sorted({name for _, name in missing})
+    row_of = {key: row for row, key in enumerate(keys)}
+    wanted = sorted({source for source, _ in missing if source in row_of})
     key_cols = list(entity.unique_key)
-    row_of = {key: row for row, key in enumerate(own)}
-    holders = [row_of.get(keys[row], row) for row in rows]
-    key_values = part.select(key_cols).take(holders).to_pylist()
-    wanted = {keys[row]: tuple(key_values[i][k] for k in key_cols) for i, row in enumerate(rows)}
+    key_values = part.select(key_cols).take([row_of[s] for s in wanted]).to_pylist()
+    pending = [tuple(v[k] for k in key_cols) for v in key_values]
     latest: dict[str, dict[str, Any]] = {}
-    pending = list(wanted.items())
     changes = OP in part.column_names
     for start in range(0, len(pending), KEYS_PER_QUERY):
         chunk = pending[start : start + KEYS_PER_QUERY]
-        for found in _latest(wh, database, entity, names, [v for _, v in chunk], changes):
+        for found in _latest(wh, database, entity, names, chunk, changes):
             latest[_encode(found, entity)] = found
-    for name in names:
-        for row in missing[name]:
-            previous = latest.get(keys[row])
-            if previous is None:
-                raise LoadError(
-                    f"{entity.name}: column {name!r} of key {wanted[keys[row]]} was sent"
-                    " unchanged, but no earlier row of the key was loaded to take it from",
-                    entity=entity.name,
-                )
-            columns[name][row] = previous[name]
+    return latest
 
 
 def _latest(

@@ -318,7 +318,7 @@ class _Types:
 
         kind = sql.SQL(self.sql_types[column.name, column.udt_name])
         query = sql.SQL(
-            "SELECT array_to_json(u.v::{}) FROM unnest(%s::text[]) WITH ORDINALITY AS u(v, i)"
+            "SELECT array_to_json(u.v::{})::text FROM unnest(%s::text[]) WITH ORDINALITY AS u(v, i)"
             " ORDER BY u.i"
         ).format(kind)
         with self._cursor() as cur:

@@ -36,7 +36,9 @@ SELECT c.relreplident, pg_get_userbyid(c.relowner),
        (SELECT {_INDEX_COLUMNS} FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident),
        (SELECT json_agg({_INDEX_COLUMNS}) FROM pg_index i
         WHERE i.indrelid = c.oid AND i.indisunique AND i.indpred IS NULL
-          AND i.indexprs IS NULL)
+          AND i.indexprs IS NULL),
+       (SELECT json_agg(a.attname::text) FROM pg_attribute a
+        WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND NOT a.attnotnull)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')
 """
@@ -147,7 +149,7 @@ def _identity_problems(problems: _Problems, facts: tuple[Any, ...]) -> None:
     from psycopg2 import sql
 
     capture = problems.capture
-    identity, _, _, _, primary_key, identity_index, unique_indexes = facts
+    identity, _, _, _, primary_key, identity_index, unique_indexes, nullable = facts
     table = capture.table_sql()
     keys = sql.SQL(", ").join(sql.Identifier(k) for k in capture.key)
     full = sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL;").format(table)
@@ -167,6 +169,14 @@ def _identity_problems(problems: _Problems, facts: tuple[Any, ...]) -> None:
             f"unique_key {list(capture.key)} of table {capture.qualified} is not within its"
             f" replica identity {columns}: deletes and key changes would not carry it",
             full,
+        )
+    for column in sorted(set(capture.key) & set(nullable or ())):
+        problems.add(
+            f"unique_key column {column!r} of table {capture.qualified} may be NULL: the first"
+            " load cuts chunks by the key, and a NULL key is never in a chunk",
+            sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL;").format(
+                table, sql.Identifier(column)
+            ),
         )
     if not any(set(index) <= set(capture.key) for index in unique_indexes or ()):
         problems.add(

@@ -8,6 +8,7 @@ before the database goes (PostgreSQL refuses to drop a database that has a slot)
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -15,9 +16,11 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -26,8 +29,9 @@ import pytest
 from luigi.configuration import get_config
 
 from pipeline import runtime
-from pipeline.extract.pg_capture import capture_name
+from pipeline.extract.pg_capture import LogCaptureError, capture_name
 from pipeline.state import load_position
+from setup import stack
 from tests.conftest import Env
 
 ENTITY = "items"
@@ -597,3 +601,134 @@ def test_log_rows_equal_polled_rows_type_for_type(log_env: LogEnv) -> None:
         f"SELECT {listed}, _check_hash FROM {{db}}.raw_typed_log WHERE _op = 'read' ORDER BY id"
     )
     assert [r[-1] for r in reads] == [r[-1] for r in from_full]  # first-load rows hash alike
+
+
+# -- what capture refuses, before anything is created --------------------------------------------
+
+
+class Checked:
+    """A source database of its own, read by a log entity as a given role."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.admin = Source(dsn)
+        self.roles: list[str] = []
+
+    def role(self, *attributes: str) -> str:
+        name = f"r_{uuid.uuid4().hex[:10]}"
+        self.admin.run(f'CREATE ROLE "{name}" LOGIN {" ".join(attributes)}')
+        self.roles.append(name)
+        return name
+
+    def as_role(self, role: str) -> str:
+        return self.dsn.replace("postgresql://postgres@", f"postgresql://{role}@")
+
+    def problems(self, table: str, role: str = "postgres", **options: str) -> str:
+        """The error the entity's read raises (nothing may have been created)."""
+        dsn = self.dsn if role == "postgres" else self.as_role(role)
+        source = log_source(dsn, table, **options)
+        with pytest.raises(LogCaptureError) as caught:
+            source.read()
+        assert self.admin.rows("SELECT count(*) FROM pg_publication") == [(0,)]
+        assert self.admin.rows("SELECT count(*) FROM pg_replication_slots"
+                               " WHERE database = current_database()") == [(0,)]  # fmt: skip
+        return str(caught.value)
+
+    def close(self) -> None:
+        for role in self.roles:
+            self.admin.run(f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"')
+        self.admin.close()
+
+
+def log_source(dsn: str, table: str, **options: str) -> Any:
+    from pipeline.config import load_settings
+    from pipeline.config.entities import parse_entity
+    from pipeline.extract import Context
+    from pipeline.extract.postgres_log import PostgresLogSource
+
+    entity = parse_entity(
+        "checked",
+        {"source": "postgres", "table": table, "unique_key": "id", "mode": "log", **options},
+        {"delete_guard": 0.2, "raw_retention_days": 30.0},
+    )
+    settings = dataclasses.replace(load_settings(), postgres_dsn=dsn, database="t_checks")
+    return PostgresLogSource(Context(settings, entity, "20260101T000000000000Z"))
+
+
+@pytest.fixture
+def checked(pg_dsn_factory: Callable[[], str]) -> Iterator[Checked]:
+    found = Checked(pg_dsn_factory())
+    yield found
+    found.close()
+
+
+def test_a_table_without_primary_key_or_replica_identity_is_refused(checked: Checked) -> None:
+    checked.admin.run("CREATE TABLE nopk (id integer, name text)", "INSERT INTO nopk VALUES (1)")
+    message = checked.problems("public.nopk")
+    assert "[entity.checked]" in message and "table public.nopk has no primary key" in message
+    assert (
+        'ALTER TABLE "public"."nopk" ADD PRIMARY KEY ("id");  -- or: ALTER TABLE "public"."nopk"'
+        " REPLICA IDENTITY FULL;" in message
+    )
+    checked.admin.run("UPDATE nopk SET name = 'still writable'")  # it never entered a publication
+    checked.admin.run('ALTER TABLE "public"."nopk" ADD PRIMARY KEY ("id")')
+    assert capture_problems(checked.dsn, "public.nopk") == []
+
+
+def test_a_role_without_replication_is_refused(checked: Checked) -> None:
+    role = checked.role()
+    checked.admin.run(
+        f'CREATE TABLE owned (id integer PRIMARY KEY); ALTER TABLE owned OWNER TO "{role}"'
+    )
+    checked.admin.run(f'GRANT CREATE ON DATABASE "{dbname(checked.dsn)}" TO "{role}"')
+    message = checked.problems("public.owned", role)
+    assert f"role {role} has no REPLICATION attribute" in message and "public.owned" in message
+    assert f'ALTER ROLE "{role}" REPLICATION;' in message
+    checked.admin.run(f'ALTER ROLE "{role}" REPLICATION')
+    assert capture_problems(checked.as_role(role), "public.owned") == []
+
+
+def test_a_publication_the_role_may_not_create_is_refused(checked: Checked) -> None:
+    owner, reader = checked.role(), checked.role("REPLICATION")
+    checked.admin.run(
+        f'CREATE TABLE shop (id integer PRIMARY KEY); ALTER TABLE shop OWNER TO "{owner}"'
+    )
+    checked.admin.run(f'GRANT SELECT ON shop TO "{reader}"')
+    message = checked.problems("public.shop", reader)
+    database = dbname(checked.dsn)
+    assert f"role {reader} may not create publication" in message and "public.shop" in message
+    assert f'GRANT CREATE ON DATABASE "{database}" TO "{reader}";' in message
+    assert f'GRANT "{owner}" TO "{reader}";' in message
+    checked.admin.run(
+        f'GRANT CREATE ON DATABASE "{database}" TO "{reader}"', f'GRANT "{owner}" TO "{reader}"'
+    )
+    assert capture_problems(checked.as_role(reader), "public.shop") == []
+
+
+def test_wal_level_not_logical_is_refused(tmp_path: Path) -> None:
+    server = stack.start_postgres(tmp_path, wal_level="replica")
+    try:
+        dsn = server.env["CDC_POSTGRES_DSN"]
+        Source(dsn).run("CREATE TABLE items (id integer PRIMARY KEY)")
+        with pytest.raises(LogCaptureError) as caught:
+            log_source(dsn, "public.items").read()
+        message = str(caught.value)
+        assert "setting wal_level is 'replica'" in message and "public.items" in message
+        assert "ALTER SYSTEM SET wal_level = logical;" in message
+    finally:
+        stack.stop(server, timeout=10)
+
+
+def dbname(dsn: str) -> str:
+    return dsn.rsplit("/", 1)[1]
+
+
+def capture_problems(dsn: str, table: str) -> list[Any]:
+    from pipeline.extract.pg_capture import Capture
+    from pipeline.extract.pg_capture_checks import check_capture
+
+    conn = psycopg2.connect(dsn)
+    try:
+        return check_capture(conn, Capture.of("checked", "t_checks", table, ("id",), dsn))
+    finally:
+        conn.close()

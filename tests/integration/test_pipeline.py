@@ -16,7 +16,7 @@ from luigi.execution_summary import LuigiStatusCode
 from pipeline import runtime
 from setup.generate_data import generate
 from tests.conftest import Env
-from tests.support import ROOT
+from tests.support import ROOT, private_luigi_locks
 
 USERS, PRODUCTS, ORDERS = 60, 8, 150
 
@@ -178,6 +178,7 @@ def test_luigi_command_line_exit_codes(
         "CDC_MONGO_DB": f"cli_{tag}",
         "CDC_POSTGRES_DSN": pg_dsn_factory(),
         "CDC_STAGING_URL": f"s3://cdc-staging/{tag}/",
+        **private_luigi_locks(tmp_path),
     }
     generate(
         values["CDC_MONGO_URI"], values["CDC_MONGO_DB"], values["CDC_POSTGRES_DSN"], 20, 3, 30, 1

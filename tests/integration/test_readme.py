@@ -20,7 +20,7 @@ import pytest
 
 from setup import stack
 from setup.generate_data import generate
-from tests.support import ROOT
+from tests.support import ROOT, private_luigi_locks
 from tests.support.readme import readme_blocks
 
 EXAMPLE_BATCH = "20261201T000000000000Z"
@@ -38,7 +38,8 @@ class Project:
         base = {
             k: v for k, v in os.environ.items() if k not in FOREIGN and not k.startswith("CDC_")
         }
-        env = {**base, "HOME": str(self.path / "home"), **extra}
+        locks = private_luigi_locks(self.path / "home")
+        env = {**base, "HOME": str(self.path / "home"), **locks, **extra}
         return subprocess.run(
             ["bash", "-e", "-c", script],
             cwd=self.path,

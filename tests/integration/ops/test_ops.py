@@ -38,7 +38,7 @@ from pipeline.ops.status import render as render_status
 from setup import stack
 from setup.generate_data import generate
 from setup.simulate_cdc import simulate
-from tests.support import ROOT
+from tests.support import ROOT, private_luigi_locks
 
 CDC_RUN = ROOT / "setup" / "cron" / "cdc-run"
 USERS, PRODUCTS, ORDERS = 40, 6, 80
@@ -438,7 +438,7 @@ def test_key_value_dsn_secrets_stay_out_of_luigi_output_the_log_and_the_audit(
         run = subprocess.run(
             [str(Path(sys.prefix) / "bin" / "luigi"), "--module", "pipeline", "RunAll", *LOCAL],
             cwd=ROOT,
-            env=d.env(CDC_POSTGRES_DSN=dsn),
+            env=d.env(CDC_POSTGRES_DSN=dsn, **private_luigi_locks(d.run_dir)),
             capture_output=True,
             text=True,
             timeout=180,

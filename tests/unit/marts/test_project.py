@@ -223,3 +223,72 @@ def test_bad_settings_are_reported(tmp_path: Path, header: str, message: str) ->
     with pytest.raises(MartError) as err:
         load_project(tmp_path, "dp", SOURCES)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"my-mart": "SELECT 1 AS x"}, "my-mart.sql: invalid mart name 'my-mart'"),
+        ({"dim__new": "SELECT 1 AS x"}, "dim__new.sql: mart names may not end with __new or __old"),
+        ({"users_snapshot": "SELECT 1 AS x"}, "mart users_snapshot has the name of a source"),
+        ({"x": "SELECT 1 AS x -- {# a comment #}"}, "x.sql:1: only {{ variable }} substitutions"),
+        ({"x": "{% if a %}SELECT 1{% endif %}"}, "x.sql:1: only {{ variable }} substitutions"),
+        ({"x": "-- tests: [unique]\nSELECT 1 AS x"}, "x.sql:1: list tests on indented lines"),
+        ({"x": "-- order_by: a\n-- order_by: b\nSELECT 1 AS a"}, "setting 'order_by' given twice"),
+    ],
+)
+def test_bad_files_are_reported_by_name(
+    tmp_path: Path, files: dict[str, str], message: str
+) -> None:
+    write(tmp_path, files)
+    with pytest.raises(MartError) as err:
+        load_project(tmp_path, "dp", SOURCES)
+    assert message in str(err.value)
+
+
+def test_every_problem_of_a_project_is_reported_at_once(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        {
+            "a": "SELECT * FROM {{ database }}.nowhere",
+            "b": "SELECT * FROM {{ nope }}.users_snapshot",
+            "c": "-- materialised: view\nSELECT 1 AS x",
+        },
+    )
+    with pytest.raises(MartError) as err:
+        load_project(tmp_path, "dp", SOURCES)
+    assert len(err.value.problems) == 3
+    assert [p.split(":")[0] for p in err.value.problems] == [
+        str(tmp_path / n) + ".sql" for n in ("b", "c", "a")
+    ]
+
+
+def test_missing_directory_and_bad_database_name(tmp_path: Path) -> None:
+    with pytest.raises(MartError, match="mart directory not found"):
+        load_project(tmp_path / "missing", "dp", SOURCES)
+    with pytest.raises(ValueError, match="invalid database 'd-p'"):
+        load_project(tmp_path, "d-p", SOURCES)
+
+
+def test_variables_are_inserted_verbatim_and_compile_names_unknown_marts(tmp_path: Path) -> None:
+    write(tmp_path, {"m": "SELECT {{ n }} AS n, '{{ s }}' AS s FROM {{ database }}.raw_users"})
+    marts = load_project(tmp_path, "dp", SOURCES, {"n": "41 + 1", "s": "it"})
+    assert compile_mart(marts, "m") == "SELECT 41 + 1 AS n, 'it' AS s FROM dp.raw_users\n"
+    assert compile_mart(marts) == (
+        f"-- m ({tmp_path / 'm.sql'}): table\nSELECT 41 + 1 AS n, 'it' AS s FROM dp.raw_users\n"
+    )
+    with pytest.raises(MartError, match=r"no mart named 'x' \(marts: m\)"):
+        compile_mart(marts, "x")
+
+
+def test_system_tables_and_ctes_are_not_dependencies(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        {
+            "m": (
+                "WITH raw_users AS (SELECT 1 AS x)\n"
+                "SELECT x FROM raw_users, system.one, {{ database }}.users_snapshot"
+            )
+        },
+    )
+    assert load_project(tmp_path, "dp", SOURCES)["m"].depends_on == {"users_snapshot"}

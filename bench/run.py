@@ -30,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from bench import envs
+from bench import envs, log_capture
 from bench.report import render, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,11 +205,12 @@ class Bench:
         until: str = "snapshot",
         batch: str | None = None,
         profile: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> Sample:
         cmd = [sys.executable, "-m", "bench.worker", "--batch", batch or batch_id()]
         cmd += [arg for e in entities for arg in ("--entity", e)] or ["--runall"]
         cmd += ["--until", until]
-        return self.measure(name, cmd, self.pipeline_env(seq), profile)
+        return self.measure(name, cmd, {**self.pipeline_env(seq), **(env or {})}, profile)
 
     def floor(self, name: str, method: str, *options: str) -> Sample:
         if self.floors_python is None:
@@ -347,12 +348,15 @@ def orders_path(bench: Bench, scale: str, rep: int) -> None:
     initial = bench.attempt(f"{scale}/ours/orders_initial", bench.ours, seq, ["orders"])
     if initial is not None:
         _window_floors(bench, f"{scale}/floor/pg_all", initial)
+    slot = log_capture.before_change(bench, scale, rep) if bench.args.log else None
     change_orders(bench.env, 0.01, seed=2000 + rep)
     if initial is None:
         return
     incr = bench.attempt(f"{scale}/ours/orders_incr1", bench.ours, seq, ["orders"])
     if incr is not None:
         _window_floors(bench, f"{scale}/floor/pg_window", incr)
+    if slot is not None:
+        log_capture.after_change(bench, scale, rep, slot)
 
 
 def _window_floors(bench: Bench, prefix: str, ours: Sample) -> None:
@@ -412,6 +416,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--big-repeat", type=int, default=1)
     parser.add_argument("--no-runall", action="store_true", help="skip RunAll end to end")
     parser.add_argument("--profile", action="store_true", help="py-spy the users runs")
+    parser.add_argument("--log", action="store_true", help="also orders in mode = log")
+    parser.add_argument("--log-changes", type=int, default=1_000_000, help="with --log")
     parser.add_argument("--warehouse", choices=("chdb", "clickhouse"), default="chdb")
     parser.add_argument("--root", type=Path, help="services + scratch (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
@@ -517,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
             orders_path(bench, scale, rep)
             if not args.no_runall:
                 bench.attempt(f"{scale}/ours/runall", bench.ours, f"{scale}-runall-{rep}", [])
+        if args.log and args.log_changes:
+            print(f"bench: {args.log_changes} changes through mode = log", flush=True)
+            log_capture.million(bench, scale, args.log_changes)
         if args.profile:
             print("bench: profiling (py-spy)", flush=True)
             profile = profile_users(bench, scale)
@@ -560,12 +569,16 @@ def main(argv: list[str] | None = None) -> int:
         for name, runs in bench.samples.items()
     }
     summary = summarise(bench.samples, args)
+    if args.log:
+        summary["log"] = log_capture.summarise(bench.samples, scale_name(args.users))
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{bench.tag}.json"
     payload = {"meta": meta, "summary": summary, "profile": profile, "figures": figures}
     out.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     print()
     print(render(summary, meta, profile))
+    if args.log:
+        print(log_capture.render(summary["log"]))
     print(f"\nresults: {out.relative_to(ROOT)}   total bench wall time {total:.0f} s")
     if not args.keep and args.root is None:
         shutil.rmtree(root, ignore_errors=True)

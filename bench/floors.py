@@ -207,6 +207,95 @@ def pg_adbc(args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": table.num_rows}
 
 
+def _replication(args: argparse.Namespace) -> Any:
+    import psycopg2
+    import psycopg2.extras
+
+    return psycopg2.connect(
+        args.postgres_dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection
+    )
+
+
+def pg_slot(args: argparse.Namespace) -> dict[str, Any]:
+    """Not a floor: the decoding floor's own publication and slot, made before the changes it
+    is to read (so it reads exactly what the pipeline's slot holds for the same batch)."""
+    import psycopg2
+
+    conn = psycopg2.connect(args.postgres_dsn)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (args.slot,))
+        if cur.fetchone() is None:
+            cur.execute(f'CREATE PUBLICATION "{args.slot}" FOR TABLE {args.table}')
+    conn.close()
+    replication = _replication(args)
+    with replication.cursor() as cur:
+        cur.execute(f'CREATE_REPLICATION_SLOT "{args.slot}" LOGICAL pgoutput NOEXPORT_SNAPSHOT')
+    replication.close()
+    return {"rows": 0}
+
+
+def pg_decode(args: argparse.Namespace) -> dict[str, Any]:
+    """The decoding floor: every change the slot holds up to now, as pgoutput messages read by
+    psycopg2's `read_message()` loop (a 5 ms nap when the socket is empty, as the pipeline
+    does), counted by their first byte; nothing decoded, nothing kept. `inside` is the read
+    alone; the slot is dropped afterwards."""
+    import select
+    import struct
+
+    import psycopg2
+
+    conn = psycopg2.connect(args.postgres_dsn)
+    with conn.cursor() as cur:  # the pin: an LSN every committed change lies below, flushed
+        cur.execute("SELECT pg_current_wal_insert_lsn()::text, pg_current_xact_id()")
+        high, low = cur.fetchone()[0].split("/")
+    conn.commit()
+    pin = (int(high, 16) << 32) | int(low, 16)
+    replication = _replication(args)
+    cur = replication.cursor()
+    begin = time.perf_counter()
+    cur.start_replication(
+        slot_name=args.slot,
+        decode=False,
+        status_interval=365 * 24 * 3600.0,
+        options={"proto_version": "1", "publication_names": args.slot},
+    )
+    changes, in_transaction, read = 0, False, cur.read_message
+    row_kinds, begin_kind, commit_kind = frozenset(b"IUD"), ord("B"), ord("C")
+    while True:
+        msg = read()
+        if msg is None:
+            if not in_transaction and cur.wal_end >= pin:
+                break
+            time.sleep(0.005)
+            select.select([cur], [], [], 1.0)
+            continue
+        kind = msg.payload[0]
+        if kind in row_kinds:
+            changes += 1
+        elif kind == begin_kind:
+            if struct.unpack_from("!Q", msg.payload, 1)[0] >= pin:
+                break
+            in_transaction = True
+        elif kind == commit_kind:
+            in_transaction = False
+            if struct.unpack_from("!Q", msg.payload, 10)[0] >= pin:
+                break
+    inside = time.perf_counter() - begin
+    replication.close()
+    with conn.cursor() as drop:
+        for _ in range(100):  # the walsender lets the slot go a moment after we closed
+            try:
+                drop.execute("SELECT pg_drop_replication_slot(%s)", (args.slot,))
+                break
+            except psycopg2.errors.ObjectInUse:
+                conn.rollback()
+                time.sleep(0.1)
+    conn.commit()
+    conn.close()
+    return {"inside": inside, "rows": changes}
+
+
 METHODS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "mongo_list": mongo_list,
     "mongo_pylist": mongo_pylist,
@@ -216,6 +305,8 @@ METHODS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "pg_cursor": pg_cursor,
     "pg_copy": pg_copy,
     "pg_adbc": pg_adbc,
+    "pg_slot": pg_slot,
+    "pg_decode": pg_decode,
 }
 # the libraries each method needs, imported before the clock starts (imports are not the floor)
 IMPORTS = {
@@ -227,6 +318,8 @@ IMPORTS = {
     "pg_cursor": ("psycopg2", "pyarrow"),
     "pg_copy": ("psycopg2", "pyarrow", "pyarrow.csv"),
     "pg_adbc": ("adbc_driver_postgresql.dbapi", "pyarrow"),
+    "pg_slot": ("psycopg2", "psycopg2.extras"),
+    "pg_decode": ("psycopg2", "psycopg2.extras"),
 }
 
 
@@ -241,6 +334,7 @@ def main() -> int:
     parser.add_argument("--table", default="public.orders")
     parser.add_argument("--lower", help="ISO instant, exclusive; omitted = from the beginning")
     parser.add_argument("--upper", help="ISO instant, inclusive")
+    parser.add_argument("--slot", default="bench_floor", help="pg_slot / pg_decode: its name")
     parser.add_argument("--s3-endpoint", default=os.environ.get("CDC_S3_ENDPOINT"))
     parser.add_argument("--s3-key", default=os.environ.get("CDC_S3_ACCESS_KEY"))
     parser.add_argument("--s3-secret", default=os.environ.get("CDC_S3_SECRET_KEY"))

@@ -233,7 +233,7 @@ def to_batch(
 
     size = len(changes)
     rows, unchanged = _rows(shape, changes)
-    columns = [
+    columns = [  # one C-level pass per column: faster than zip(*rows) over 50K rows
         shape.typed(i, list(map(itemgetter(i), rows)), arrays) for i in range(len(shape.columns))
     ]
     times = pa.array(map(_COMMIT_TIME, changes), pa.int64(), size=size)

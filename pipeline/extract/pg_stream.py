@@ -15,6 +15,7 @@ can re-read the table whole: a truncate is never applied as if it had not happen
 from __future__ import annotations
 
 import select
+import struct
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Final
@@ -29,14 +30,15 @@ from pipeline.extract.pg_capture import (
     replication_connection,
 )
 from pipeline.extract.pg_changes import Change
-from pipeline.extract.pgoutput import Relation, format_lsn
+from pipeline.extract.pgoutput import Relation, decode_tuple, format_lsn
 
 IDLE_SECONDS: Final = 600.0
 # When the socket is empty, wait a few ms before select(): a reader that wakes for every
 # message makes the walsender send() each one alone; letting them pile up halves its CPU.
 _NAP_SECONDS: Final = 0.005
 _POLL_SECONDS: Final = 1.0
-_INSERT, _UPDATE, _DELETE, _BEGIN, _COMMIT, _RELATION, _TRUNCATE = map(ord, "IUDBCRT")
+_INSERT, _UPDATE, _DELETE, _BEGIN, _COMMIT, _RELATION, _TRUNCATE, _NEW = map(ord, "IUDBCRTN")
+relation_of = struct.Struct("!I").unpack_from
 # (xid, commit LSN) -> whether the transaction is already loaded and must be passed over
 Skip = Callable[[int, int], bool]
 
@@ -126,7 +128,7 @@ class SlotReader:
         in_transaction = skipping = False
         commit_lsn = commit_time = xid = 0
         pin, read = self.pin, cur.read_message
-        since = time.monotonic()
+        since: float | None = None  # when the socket last ran dry (None: data since)
         while True:
             try:
                 msg = read()
@@ -135,22 +137,27 @@ class SlotReader:
             if msg is None:
                 if not in_transaction and cur.wal_end >= pin:
                     return
+                since = since or time.monotonic()
                 self._idle(cur, since)
                 continue
-            since = time.monotonic()
+            since = None
             payload = msg.payload
             kind = payload[0]
-            if kind == _INSERT:
-                if not skipping:
-                    m = pgoutput.decode_insert(payload)
-                    relation = relations[m.relation_id]
-                    yield Change("insert", relation, commit_lsn, commit_time, xid, m.new)
-            elif kind == _UPDATE:
-                if not skipping:
+            if kind == _UPDATE or kind == _INSERT:
+                if skipping:
+                    continue
+                if payload[5] == _NEW:  # no old tuple: every insert, almost every update
+                    new, _, unsent = decode_tuple(payload, 6)
+                    relation = relations[relation_of(payload, 1)[0]]
+                    op = "update" if kind == _UPDATE else "insert"
+                    yield Change(
+                        op, relation, commit_lsn, commit_time, xid, new, None, None, unsent
+                    )
+                else:
                     u = pgoutput.decode_update(payload)
-                    relation_id = u.relation_id
+                    key = keys[u.relation_id]
                     yield from _update(
-                        relations[relation_id], keys[relation_id], u, commit_lsn, commit_time, xid
+                        relations[u.relation_id], key, u, commit_lsn, commit_time, xid
                     )
             elif kind == _DELETE:
                 if not skipping:

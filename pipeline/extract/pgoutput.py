@@ -220,21 +220,19 @@ def decode_tuple(buf: bytes, pos: int) -> tuple[Tuple, int, tuple[int, ...]]:
     """
     (count,) = _U16(buf, pos)
     pos += 2
-    values: list[Value] = []
-    append = values.append
+    values: list[Value] = [None] * count
     unchanged: list[int] | None = None
+    u32 = _U32
     for i in range(count):
         kind = buf[pos]
         if kind == _TEXT or kind == _BINARY:
-            (size,) = _U32(buf, pos + 1)
             start = pos + 5
-            pos = start + size
-            append(buf[start:pos])
+            pos = start + u32(buf, pos + 1)[0]
+            values[i] = buf[start:pos]
         elif kind == _NULL:
-            append(None)
             pos += 1
         elif kind == _TOAST:
-            append(UNCHANGED)
+            values[i] = UNCHANGED
             pos += 1
             if unchanged is None:
                 unchanged = [i]

@@ -269,6 +269,15 @@ def read_keys(
     return batches
 
 
+def _watermark(position: str | None) -> datetime | None:
+    """The last loaded batch's watermark; None before the first, and after a batch of another
+    mode (an LSN of `mode = log`): the table is then read whole once."""
+    try:
+        return datetime.fromisoformat(position) if position else None
+    except ValueError:
+        return None
+
+
 class PostgresSource(Source):
     """A table, read incrementally on `updated_at` (or whole with `mode = full`)."""
 
@@ -279,7 +288,7 @@ class PostgresSource(Source):
     def read(self) -> Read:
         cfg, entity = self.settings, self.entity
         position = self.context.position
-        watermark = datetime.fromisoformat(position) if position and entity.incremental else None
+        watermark = _watermark(position) if entity.incremental else None
         window, batches = read(
             cfg.postgres_dsn,
             entity.object_name,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 log = logging.getLogger("pipeline")
+_LSN = re.compile(r"[0-9A-F]{1,8}/[0-9A-F]{1,8}")
 MIB = 1 << 20
 _AMBIGUOUS_ROWS = 5_000  # first-load changes whose chunk is looked up per query
 _PENDING_ROWS = 50_000  # at most this many changes wait for such a lookup
@@ -94,9 +96,11 @@ class Position:
 
     @classmethod
     def parse(cls, text: str | None) -> Position | None:
-        if not text:
+        """None before the first log batch, and after a batch of another mode (a watermark):
+        an entity switched to `mode = log` starts with a first load."""
+        lsn, _, rest = (text or "").partition(" ")
+        if not _LSN.fullmatch(lsn):
             return None
-        lsn, _, rest = text.partition(" ")
         extra = json.loads(rest) if rest else {}
         skip, below = extra.get("skip"), extra.get("below")
         return cls(

@@ -29,6 +29,14 @@ if TYPE_CHECKING:
 KEYS_PER_QUERY = 5_000
 
 
+def _any_marked(part: pa.Table) -> bool:
+    """Whether a row names an unchanged column (one vectorised pass; almost never true)."""
+    import pyarrow.compute as pc
+
+    longest = pc.max(pc.binary_length(part.column(UNCHANGED))).as_py()
+    return bool(longest)
+
+
 def _marked(part: pa.Table) -> list[set[str]]:
     return [set(m.split(",")) if m else set() for m in part.column(UNCHANGED).to_pylist()]
 
@@ -37,7 +45,7 @@ def fill_unchanged(wh: Warehouse, database: str, entity: Entity, part: pa.Table)
     """`part` with every column its rows mark unchanged filled in (see the module docstring)."""
     import pyarrow as pa
 
-    if UNCHANGED not in part.column_names:
+    if UNCHANGED not in part.column_names or not _any_marked(part):
         return part
     marks = _marked(part)
     names = sorted(set().union(*marks))

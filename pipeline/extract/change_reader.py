@@ -28,8 +28,9 @@ from pipeline.extract.documents import MongoSourceError
 
 HISTORY_LOST = 286  # ChangeStreamHistoryLost
 NOT_A_REPLICA_SET = 40573  # IllegalOperation: $changeStream on a standalone server
-# every empty getMore waits this long on SecantusDB (1 s unset; mongod: until an event)
-MAX_AWAIT_MS = 20
+# every empty getMore waits this long on SecantusDB (1 s unset; mongod: until an event); a
+# shorter wait only moves an event being written at the pin to the next batch
+MAX_AWAIT_MS = 5
 BATCH_SIZE = 1_000  # the server sends at most 200 events per getMore anyway
 
 
@@ -88,12 +89,18 @@ def start_token(collection: Any) -> dict[str, Any]:
 
 
 def pre_images_enabled(collection: Any) -> bool:
-    """Whether the collection keeps pre-images. Asking where it does not still costs
-    SecantusDB a lookup per event (a third of the read rate), so they are asked for only then."""
+    """Whether the collection keeps pre-images; one listCollections also says it exists.
+
+    Asking for pre-images where the collection keeps none still costs SecantusDB a lookup
+    per event (a third of the read rate), so they are asked for only where it keeps them.
+    """
     for info in collection.database.list_collections(filter={"name": collection.name}):
         images = (info.get("options") or {}).get("changeStreamPreAndPostImages") or {}
         return bool(images.get("enabled"))
-    return False
+    raise MongoSourceError(
+        f"MongoDB collection {collection.full_name} does not exist"
+        " (check `collection` of the entity and CDC_MONGO_DB)"
+    )
 
 
 def open_stream(collection: Any, token: Mapping[str, Any], pre_images: bool) -> Any:

@@ -37,18 +37,23 @@ class RawStates:
         self.scan_batch = scan_batch
         self.mapping = mapping
         self.whole_seconds = not wh.features.datetime64
-        types = (
-            wh.columns(database, entity.raw_table)
-            if wh.table_exists(database, entity.raw_table)
-            else {}
-        )
-        self.columns = [c for c in types if c not in RAW_META_COLUMNS]
-        self.kinds = column_kinds({c: types[c] for c in self.columns})
+        self._kinds: dict[str, str] | None = None
+
+    @property
+    def kinds(self) -> dict[str, str]:
+        """What each source column of the raw table holds (read once, when first needed: a
+        batch without updates, replaces or deletes never asks)."""
+        if self._kinds is None:
+            types = self.wh.columns(self.database, self.entity.raw_table)
+            self._kinds = column_kinds(
+                {c: t for c, t in types.items() if c not in RAW_META_COLUMNS}
+            )
+        return self._kinds
 
     def lookup(self, ids: Sequence[Any]) -> list[tuple[Any, Document | None]]:
         """Each id with its newest loaded state (None: never loaded since the scan, or deleted)."""
         found: dict[Any, Document | None] = {}
-        if self.columns:
+        if self.kinds:
             for start in range(0, len(ids), IDS_PER_QUERY):
                 found.update(self._query(ids[start : start + IDS_PER_QUERY]))
         return [(i, found.get(key_of(i))) for i in ids]
@@ -56,7 +61,7 @@ class RawStates:
     def _query(self, ids: Sequence[Any]) -> dict[Any, Document | None]:
         kind = self.kinds.get("_id")
         stored = {stored_value(i, kind, self.whole_seconds)[1]: i for i in ids}
-        columns = ", ".join(quote_ident(c) for c in self.columns)
+        columns = ", ".join(quote_ident(c) for c in self.kinds)
         table = self.wh.query_arrow(
             f"SELECT {columns}, {OP} FROM {qualified(self.database, self.entity.raw_table)}"
             " WHERE _batch_id >= %(scan)s AND `_id` IN %(ids)s"

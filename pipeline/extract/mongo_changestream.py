@@ -94,13 +94,13 @@ class MongoChangeStreamSource(MongoSource):
         position = Position.parse(self.context.position)
         client = connect(self.settings.mongo_uri)
         try:
-            require_collection(client, self.settings.mongo_db, self.entity.object_name)
             collection = client[self.settings.mongo_db][self.entity.object_name]
+            pre_images = pre_images_enabled(collection)  # and refuses a missing collection
             if position is None or position.token is None:
                 return self._whole(client, collection, position)
             try:
                 pin = pin_cluster_time(client, self.namespace)
-                stream = open_stream(collection, position.token, pre_images_enabled(collection))
+                stream = open_stream(collection, position.token, pre_images)
             except HistoryLost as exc:
                 self._alert(f"{exc}: {self.entity.name} takes one full-scan batch now")
                 return self._whole(client, collection, position)

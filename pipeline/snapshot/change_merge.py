@@ -35,17 +35,22 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 
-def is_scan_batch(wh: Warehouse, database: str, entity: Entity, batch_id: str) -> bool:
-    """Whether a change entity's batch is a whole re-read (a first load or a resync), which
-    the full-scan merge applies, rather than a batch of changes."""
+def batch_rows(wh: Warehouse, database: str, entity: Entity, batch_id: str) -> tuple[int, int]:
+    """A change entity's raw rows of the batch, and how many of them are a whole re-read (a
+    first load or a resync), which the full-scan merge applies instead of the change merge."""
     if not wh.table_exists(database, entity.raw_table):
-        return False
-    found = wh.scalar(
-        f"SELECT count() FROM {qualified(database, entity.raw_table)}"
-        f" WHERE _batch_id = %(b)s AND {OP} = %(op)s",
+        return 0, 0
+    rows = wh.query_rows(
+        f"SELECT count(), countIf({OP} = %(op)s) FROM {qualified(database, entity.raw_table)}"
+        " WHERE _batch_id = %(b)s",
         {"b": batch_id, "op": SCAN_OP},
     )
-    return bool(found)
+    return int(rows[0][0]), int(rows[0][1])
+
+
+def is_scan_batch(wh: Warehouse, database: str, entity: Entity, batch_id: str) -> bool:
+    """Whether a change entity's batch is a whole re-read (see `batch_rows`)."""
+    return batch_rows(wh, database, entity, batch_id)[1] > 0
 
 
 class Parked:

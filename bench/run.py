@@ -421,6 +421,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warehouse", choices=("chdb", "clickhouse"), default="chdb")
     parser.add_argument("--root", type=Path, help="services + scratch (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="the scale run instead (1M and 10M users, one server against a 2-shard cluster"
+        " with 2 workers; options --scale-sizes, --scale-partitions; see bench/scale.py)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.users = min(args.users, 20_000)
@@ -449,6 +455,11 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if "--scale" in given:
+        from bench import scale
+
+        return scale.main([a for a in given if a != "--scale"])
     args = parse_args(argv)
     # background jobs start with SIGINT ignored, and SIGTERM would skip `finally`: both must
     # still stop the services this run started

@@ -79,9 +79,7 @@ def new_manifest(entity: Entity, batch: str) -> Manifest:
 def open_source(entity: Entity, batch: str, position: str | None = None) -> Source:
     """The entity's source, told the raw table's columns (checks of sources without schema)."""
     cfg, wh = runtime.settings(), runtime.warehouse()
-    known: frozenset[str] = frozenset()
-    if wh.table_exists(cfg.database, entity.raw_table):
-        known = frozenset(wh.columns(cfg.database, entity.raw_table))
+    known = frozenset(wh.columns(cfg.database, entity.raw_table))  # none before the first load
     context = Context(cfg, entity, batch, position, known, runtime.store, runtime.warehouse)
     return source_for(context)
 

@@ -154,7 +154,8 @@ def load_batch(
     lower = manifest.window.get("lower") if entity.incremental else None
     skip: pa.Array | None = None
     rows_in = rows_out = 0
-    discard_partial(wh, database, entity.raw_table, manifest.batch_id)
+    if manifest.parts:  # a batch with no parts cannot have left rows behind
+        discard_partial(wh, database, entity.raw_table, manifest.batch_id)
     for part in read_parts(store, manifest):
         rows_in += part.num_rows
         ensure_raw_table(wh, database, entity, part.schema)

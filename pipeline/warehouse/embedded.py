@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.core.errors import WarehouseError
 from pipeline.warehouse.base import Features, Warehouse
-from pipeline.warehouse.sql import qualified, quote_ident, render
+from pipeline.warehouse.sql import literal, qualified, quote_ident, render
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 _SESSIONS: dict[str, Any] = {}
 _OPENED_BY = [0]  # the pid that opened the sessions: a forked child inherits them, unusable
 PURGE_STEP_MB = 64
+SMALL_INSERT_ROWS = 64  # inserted as VALUES (see `_values`)
 
 
 def rss_mb() -> float:
@@ -95,7 +96,8 @@ class EmbeddedWarehouse(Warehouse):
         self._session = _session(path)
         self._purged_at = rss_mb()
         self._query(
-            "SET min_insert_block_size_rows = 16384, min_insert_block_size_bytes = 4194304",
+            "SET min_insert_block_size_rows = 16384, min_insert_block_size_bytes = 4194304,"
+            " precise_float_parsing = 1",
             "CSV",
         )
         version = self.scalar("SELECT version()")
@@ -121,6 +123,12 @@ class EmbeddedWarehouse(Warehouse):
         if data.num_rows == 0:
             return
         names = ", ".join(quote_ident(n) for n in data.column_names)
+        values = _values(data)
+        if values is not None:
+            self._query(
+                f"INSERT INTO {qualified(database, table)} ({names}) VALUES {values}", "CSV"
+            )
+            return
         arrow_input = data  # noqa: F841 -- read by name by chDB's Python() table function
         self._query(
             f"INSERT INTO {qualified(database, table)} ({names})"
@@ -150,6 +158,27 @@ class EmbeddedWarehouse(Warehouse):
             pass
         pa.default_memory_pool().release_unused()
         self._purged_at = rss_mb()
+
+
+def _values(data: pa.Table) -> str | None:
+    """A few rows (markers, positions, run audit) as a VALUES list, which chDB inserts in half
+    the time of its Python() table function; None for more rows or for a type whose literal is
+    not exact (text, integers, floats (`repr`, parsed precisely), bools, UTC timestamps)."""
+    import pyarrow.types as t
+
+    if data.num_rows > SMALL_INSERT_ROWS:
+        return None
+    for field in data.schema:
+        kind = field.type
+        utc = t.is_timestamp(kind) and kind.tz in ("UTC", "+00:00")
+        if not (t.is_string(kind) or t.is_integer(kind) or t.is_float64(kind) or utc):
+            if not t.is_boolean(kind):
+                return None
+    columns = [column.to_pylist() for column in data.columns]
+    if any(isinstance(v, str) and "\x00" in v for values in columns for v in values):
+        return None
+    rows = zip(*columns, strict=True)
+    return ", ".join("(" + ", ".join(literal(v) for v in row) + ")" for row in rows)
 
 
 def _normalise(table: pa.Table) -> pa.Table:

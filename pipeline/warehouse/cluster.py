@@ -158,21 +158,24 @@ def _nodes(wh: Warehouse, cluster: Cluster) -> str:
     return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in rows)
 
 
-def on_every_node(database: str, table: str) -> str:
-    """A table function reading `database.table` on every node (all replicas, not one); it
-    takes the parameters `_node_params` gives."""
-    return f"remote(%(_nodes)s, {literal(database)}, {literal(table)}, %(_user)s, %(_password)s)"
-
-
-def _node_params(wh: Warehouse, cluster: Cluster) -> dict[str, str]:
-    return {"_nodes": _nodes(wh, cluster), "_user": cluster.user, "_password": cluster.password}
+def on_every_node(wh: Warehouse, cluster: Cluster, database: str, table: str) -> tuple[str, dict]:
+    """A table function reading `database.table` on every node (all replicas, not one), and
+    its parameters. `clusterAllReplicas` (20.5+) connects as `remote_servers` says; 18.16 has
+    only `remote()`, which takes the pipeline's own user and password in the query text (so
+    they show in the nodes' query_log there: give the pipeline a user of its own)."""
+    if wh.features.version >= (20, 5):
+        names = ", ".join(literal(n) for n in (cluster.name, database, table))
+        return f"clusterAllReplicas({names})", {}
+    params = {"_nodes": _nodes(wh, cluster), "_user": cluster.user, "_password": cluster.password}
+    names = f"{literal(database)}, {literal(table)}"
+    return f"remote(%(_nodes)s, {names}, %(_user)s, %(_password)s)", params
 
 
 def require_nodes(wh: Warehouse, cluster: Cluster) -> None:
     """Fail now, naming the cluster and the node, rather than after the DDL timeout."""
-    params = _node_params(wh, cluster)
+    source, params = on_every_node(wh, cluster, "system", "one")
     try:
-        wh.scalar(f"SELECT count() FROM {on_every_node('system', 'one')}", params)
+        wh.scalar(f"SELECT count() FROM {source}", params)
     except WarehouseError as exc:
         down = sorted(set(_ADDRESS.findall(str(exc)))) or ["?"]
         raise WarehouseError(
@@ -199,13 +202,15 @@ def wait_done(
     timeout: float = 300.0,
 ) -> None:
     """Until no node has an unfinished mutation of `table` (nor a row `where` selects)."""
-    node_params = {**(params or {}), **_node_params(wh, cluster)}
+    mutations, node_params = on_every_node(wh, cluster, "system", "mutations")
+    node_params = {**(params or {}), **node_params}
     pending = [
-        f"SELECT count() FROM {on_every_node('system', 'mutations')}"
+        f"SELECT count() FROM {mutations}"
         f" WHERE database = {literal(database)} AND table = {literal(table)} AND is_done = 0"
     ]
     if where is not None:
-        pending.append(f"SELECT count() FROM {on_every_node(database, table)} WHERE {where}")
+        rows, _ = on_every_node(wh, cluster, database, table)
+        pending.append(f"SELECT count() FROM {rows} WHERE {where}")
     deadline = time.monotonic() + timeout
     while any(int(wh.scalar(sql, node_params) or 0) for sql in pending):
         if time.monotonic() > deadline:

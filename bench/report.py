@@ -21,6 +21,11 @@ OURS = {
     "users_initial": "users path, initial",
     "users_nochange": "users path, no change",
     "users_change1": "users path, 1% change",
+    "users_change10": "users path, 10% change",
+    "users_cs_initial": "users changestream, bootstrap scan",
+    "users_cs_nochange": "users changestream, no change",
+    "users_cs_change1": "users changestream, 1% change",
+    "users_cs_change10": "users changestream, 10% change",
     "orders_initial": "orders, initial",
     "orders_incr1": "orders, 1% incremental",
     "runall": "RunAll end to end (3 entities + marts)",
@@ -29,6 +34,8 @@ OURS = {
     "users_stage_snapshot": "users initial: Snapshot alone",
 }
 DLT = {"initial": "initial", "nochange": "no change", "change1": "1% change"}
+# bench/changestream.py: change-stream phase -> its target against the full-scan read floor
+STREAM_TARGETS = {"nochange": 0.1, "change1": 0.2, "change10": None}
 
 
 def _median(values: Sequence[float | int | None]) -> float | None:
@@ -176,12 +183,22 @@ def summarise(samples: dict[str, list[Sample]], args: argparse.Namespace) -> dic
                 continue
             more = {}
             entity = "orders" if key.startswith("orders") else "users"
-            if key.startswith(("users_initial", "users_nochange", "users_change1", "orders")):
+            if key.startswith(("users_initial", "users_nochange", "users_change", "orders")) or (
+                key.startswith("users_cs_")
+            ):
                 more["snapshot_rows_written"] = _written(runs, entity, "snapshot_rows_written")
                 more["raw_rows_written"] = _written(runs, entity, "raw_rows_written", _median)
                 more["note"] = (
                     f"wrote {_fmt(more['raw_rows_written'], '.0f')} raw rows (median), "
                     f"{more['snapshot_rows_written']} snapshot rows (max)"
+                )
+            fixed = (
+                _median([s.import_s for s in runs]),
+                _median([s.extra.get("open_s") for s in runs]),
+            )
+            if fixed[1] is not None:
+                more["note"] = (more.get("note", "") + "; " if more.get("note") else "") + (
+                    f"fixed: imports {_fmt(fixed[0])} s, warehouse start-up {_fmt(fixed[1])} s"
                 )
             lines.append(_line("ours", label, runs, **more))
         for key, label in DLT.items():
@@ -271,6 +288,30 @@ def summarise(samples: dict[str, list[Sample]], args: argparse.Namespace) -> dic
                 ("source read in the stage / read floor", read(f"ours/{name}", entity), read_floor),
             ):
                 checks.append(_check(f"{what}: {label}, inside", _ratio(ours_s, floor_s), 1.5))
+        # change streams: inside time against the full-scan read floor measured beside it
+        for phase, target in STREAM_TARGETS.items():
+            flabel, floor_inside = _fastest(samples, floors, MONGO_FLOORS, "inside", phase)
+            ratio = _ratio(inside(f"ours/users_cs_{phase}"), floor_inside)
+            check = _check(
+                f"{OURS[f'users_cs_{phase}']} / read floor ({flabel}), inside", ratio, target or 0
+            )
+            checks.append(check if target else {**check, "target": "", "ok": None})
+            versus = _ratio(inside(f"ours/users_cs_{phase}"), inside(f"ours/users_{phase}"))
+            what = f"{OURS[f'users_cs_{phase}']} / full scan, inside"
+            checks.append({**_check(what, versus, 0), "target": "", "ok": None})
+        written = _written(get("ours/users_cs_nochange"), "users", "snapshot_rows_written")
+        checks.append(
+            _check("users changestream no change: snapshot rows", written, 0, unit=" rows")
+        )
+        if _scale_rows(scale) >= 1_000_000:
+            base = next((s for s in scales if _scale_rows(s) < _scale_rows(scale)), None)
+            for phase in ("nochange", "change1"):
+                runs = get(f"ours/users_cs_{phase}")
+                small = samples.get(f"{base}/ours/users_cs_{phase}", []) if base else []
+                if runs and small:
+                    growth = max(s.rss_mb for s in runs) / max(s.rss_mb for s in small)
+                    what = f"{OURS[f'users_cs_{phase}']}: peak RSS {scale} / {base}"
+                    checks.append(_check(what, growth, 1.25))
         if _scale_rows(scale) >= 1_000_000:
             peak = max(
                 (s.rss_mb for k in OURS for s in get(f"ours/{k}") if k.startswith("users")),

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from bench import envs, log_capture
+from bench import changestream, envs, log_capture
 from bench.report import render, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,6 +134,7 @@ class Bench:
         if proc.returncode != 0 or not data or data.get("ok") is False:
             detail = data.get("error", "") if data else ""
             raise BenchError(f"{name} failed (exit {proc.returncode}); log: {log}\n{detail}")
+        wall -= data.get("count_s") or 0.0  # the bench's own counting after the run
         sample = Sample(
             wall=wall,
             rss_mb=(data.get("peak_kb") or usage.ru_maxrss) / 1024,
@@ -141,7 +142,7 @@ class Bench:
             import_s=data.get("import_s"),
             rows=data.get("rows"),
             stages=data.get("stages", {}),
-            extra={k: v for k, v in data.items() if k in ("entities", "extra")},
+            extra={k: v for k, v in data.items() if k in ("entities", "extra", "open_s")},
         )
         print(
             f"  {name:<34} {wall:7.2f} s  {sample.rss_mb:7.0f} MB  rows {sample.rows}",
@@ -307,8 +308,10 @@ def floors_mongo(bench: Bench, scale: str) -> None:
     bench.attempt(f"{scale}/floor/parquet_s3", bench.floor, "parquet_s3")
 
 
-def users_path(bench: Bench, scale: str, rep: int, peers: bool) -> None:
-    """Initial, no-change and 1%-change runs of the read floors, ours and dlt, on the same data.
+def users_path(bench: Bench, scale: str, rep: int, peers: bool, ten: bool = False) -> None:
+    """Initial, no-change and 1%-change runs of the read floors, ours and dlt, on the same data;
+    each of ours is followed by the change-stream deployment's (bench/changestream.py), and
+    with `ten` a 10% change is read by the floors and both of ours at the end.
 
     Within a phase the three run back to back, in an order rotated from phase to phase and
     run to run: the machine is shared and SecantusDB's speed drifts, so each of our runs is
@@ -331,6 +334,7 @@ def users_path(bench: Bench, scale: str, rep: int, peers: bool) -> None:
             if ours_ok:
                 name = f"{scale}/ours/users_{phase}"
                 ours_ok = bench.attempt(name, bench.ours, seq, ["users"], phase=phase) is not None
+            changestream.ours(bench, scale, rep, phase)
 
         def dlt(phase: str = phase) -> None:
             if peers:
@@ -340,6 +344,8 @@ def users_path(bench: Bench, scale: str, rep: int, peers: bool) -> None:
         shift = (rep + index) % len(steps)
         for step in steps[shift:] + steps[:shift]:
             step()
+    if ten:
+        changestream.change10(bench, scale, rep)
 
 
 def orders_path(bench: Bench, scale: str, rep: int) -> None:
@@ -415,6 +421,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--big-users", type=int, default=BIG_USERS)
     parser.add_argument("--big-repeat", type=int, default=1)
     parser.add_argument("--no-runall", action="store_true", help="skip RunAll end to end")
+    parser.add_argument(
+        "--no-changestream",
+        dest="changestream",
+        action="store_false",
+        help="skip the users path in mode = changestream",
+    )
     parser.add_argument("--profile", action="store_true", help="py-spy the users runs")
     parser.add_argument("--log", action="store_true", help="also orders in mode = log")
     parser.add_argument("--log-changes", type=int, default=1_000_000, help="with --log")
@@ -530,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeat):
             print(f"bench: {scale} run {rep + 1}/{args.repeat}", flush=True)
             floors_mongo(bench, scale)
-            users_path(bench, scale, rep, peers)
+            users_path(bench, scale, rep, peers, ten=True)
             orders_path(bench, scale, rep)
             if not args.no_runall:
                 bench.attempt(f"{scale}/ours/runall", bench.ours, f"{scale}-runall-{rep}", [])

@@ -6,7 +6,9 @@ from typing import Any
 
 from luigi.execution_summary import LuigiStatusCode
 
+from pipeline import runtime
 from pipeline.core.batch import new_batch_id
+from pipeline.snapshot.maintenance import rebuild
 from setup.simulate_cdc import simulate
 from tests.conftest import Env
 from tests.integration.cluster.conftest import Deployments, Node
@@ -47,8 +49,8 @@ def test_rounds_on_a_cluster_equal_one_server_and_every_node_answers_alike(
     on_cluster: Env, on_server: Env, deployments: Deployments, node1: Node, node2: Node
 ) -> None:
     on_cluster.generate(users=USERS, products=PRODUCTS, orders=ORDERS)
-    v = on_cluster.values
-    run_both(deployments, (on_cluster, on_server), new_batch_id())
+    v, first = on_cluster.values, new_batch_id()
+    run_both(deployments, (on_cluster, on_server), first)
     # the seed's CDC check, then a mix of inserts, updates and deletes in both sources
     on_cluster.mongo().update_one({"user_id": SEED_USER}, {"$set": {"occupation": "Sommelier"}})
     run_both(deployments, (on_cluster, on_server), new_batch_id())
@@ -66,16 +68,12 @@ def test_rounds_on_a_cluster_equal_one_server_and_every_node_answers_alike(
         {"u": SEED_USER},
     )
     assert len(seed) == 2 and seed[0][1] == 0 and seed[1] == ("Sommelier", 1)
+    check_layout(on_cluster, first, node1, node2)
 
 
-def test_what_the_pipeline_creates_on_every_node(
-    on_cluster: Env, deployments: Deployments, node1: Node, node2: Node
-) -> None:
-    on_cluster.generate(users=50, products=5, orders=50)
-    with deployments.use(on_cluster) as env:
-        _, status = env.run()
-    assert status == LuigiStatusCode.SUCCESS
-    shape, db = on_cluster.values["CDC_CLUSTER"], on_cluster.database
+def check_layout(env: Env, first_batch: str, node1: Node, node2: Node) -> None:
+    """What the pipeline created: the same tables on every node, replicated and sharded."""
+    shape, db = env.values["CDC_CLUSTER"], env.database
     tables = node1.tables(db)
     assert node2.tables(db) == tables
     for name in ("raw_users", "users_snapshot__versions", "_cdc_batches", "_cdc_runs", "dim_users"):
@@ -102,16 +100,20 @@ def test_what_the_pipeline_creates_on_every_node(
     assert replicas["dim_users__local"].startswith(
         f"/clickhouse/tables/{shape}-{shard}/{db}/dim_users__new__local__"
     )
-    totals = [
-        node.rows(f"SELECT count() FROM `{db}`.raw_users__local")[0][0] for node in (node1, node2)
+    first = [
+        node.rows(
+            f"SELECT count() FROM `{db}`.raw_users__local WHERE _batch_id = %(b)s",
+            {"b": first_batch},
+        )[0][0]
+        for node in (node1, node2)
     ]
     if shape == "cdc_replicated":
-        assert totals == [50, 50]  # each replica holds the shard
+        assert first == [USERS, USERS]  # each replica holds the shard
     else:
-        assert sum(totals) == 50 and all(totals)  # the two shards split the keys
+        assert sum(first) == USERS and all(first)  # the two shards split the keys
 
 
-def test_drift_reaches_every_shard(
+def test_drift_reaches_every_shard_and_a_rebuild_swaps_in_the_same_history(
     on_cluster: Env, deployments: Deployments, node1: Node, node2: Node
 ) -> None:
     on_cluster.generate(users=40, products=5, orders=40)
@@ -148,3 +150,18 @@ def test_drift_reaches_every_shard(
             " WHERE dbt_valid_to IS NULL AND isNotNull(loyalty)"
         )[0]
         assert current == (len(ids[::2]), sum(range(len(ids[::2]))))
+
+    # named columns: a rebuilt storage orders them as raw does (`loyalty` is no longer last)
+    columns = "_id, user_id, occupation, state, loyalty, dbt_scd_id, dbt_valid_from, dbt_valid_to"
+    history = f"SELECT {columns} FROM `{db}`.users_snapshot ORDER BY _id, dbt_valid_from"
+    before = listing(node2.rows(history))
+    with deployments.use(on_cluster) as env:
+        replayed = rebuild(env.wh, db, runtime.settings().entity("users"))
+    assert replayed == 2
+    assert listing(node1.rows(history)) == listing(node2.rows(history)) == before
+    paths = node1.rows(
+        "SELECT zookeeper_path FROM system.replicas"
+        " WHERE database = %(d)s AND table = 'users_snapshot__versions__local'",
+        {"d": db},
+    )
+    assert "users_snapshot__versions__rebuild__local__" in paths[0][0]  # swapped in by rename

@@ -24,7 +24,9 @@ from pipeline.extract.change_rows import (
 from pipeline.extract.documents import FieldMapping
 from pipeline.warehouse import Warehouse, qualified, quote_ident
 
-IDS_PER_QUERY = 5_000
+# ids per lookup query: each query reads the raw table's `_id` column whole, so as few as the
+# statement's size allows (ClickHouse parses at most 256 KiB of query text by default)
+LOOKUP_BYTES = 200_000
 
 
 class RawStates:
@@ -54,26 +56,37 @@ class RawStates:
         """Each id with its newest loaded state (None: never loaded since the scan, or deleted)."""
         found: dict[Any, Document | None] = {}
         if self.kinds:
-            for start in range(0, len(ids), IDS_PER_QUERY):
-                found.update(self._query(ids[start : start + IDS_PER_QUERY]))
+            kind = self.kinds.get("_id")
+            group: dict[Any, Any] = {}
+            size = 0
+            for document_id in ids:
+                stored = stored_value(document_id, kind, self.whole_seconds)[1]
+                group[stored] = document_id
+                size += len(str(stored)) + 4
+                if size >= LOOKUP_BYTES:
+                    found.update(self._query(group))
+                    group, size = {}, 0
+            if group:
+                found.update(self._query(group))
         return [(i, found.get(key_of(i))) for i in ids]
 
-    def _query(self, ids: Sequence[Any]) -> dict[Any, Document | None]:
-        kind = self.kinds.get("_id")
-        stored = {stored_value(i, kind, self.whole_seconds)[1]: i for i in ids}
+    def _query(self, stored: dict[Any, Any]) -> dict[Any, Document | None]:
+        """The newest raw row of each id (stored value -> id). A row older than the last full
+        scan is of a key that scan did not find: absent, whatever that row says."""
         columns = ", ".join(quote_ident(c) for c in self.kinds)
         table = self.wh.query_arrow(
-            f"SELECT {columns}, {OP} FROM {qualified(self.database, self.entity.raw_table)}"
-            " WHERE _batch_id >= %(scan)s AND `_id` IN %(ids)s"
+            f"SELECT {columns}, {OP}, _batch_id"
+            f" FROM {qualified(self.database, self.entity.raw_table)}"
+            " WHERE `_id` IN %(ids)s"
             f" ORDER BY _batch_id DESC, {SEQ} DESC LIMIT 1 BY `_id`",
-            {"scan": self.scan_batch, "ids": tuple(stored)},
+            {"ids": tuple(stored)},
         )
         states: dict[Any, Document | None] = {}
         for row in table.to_pylist():
             document_id = stored.get(row["_id"])
             if document_id is None:
                 continue
-            if row[OP] == "delete":
+            if row[OP] == "delete" or row["_batch_id"] < self.scan_batch:
                 states[key_of(document_id)] = None
                 continue
             document = document_from_row(row, self.kinds, self.mapping)

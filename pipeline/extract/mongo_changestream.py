@@ -56,7 +56,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipeline")
 
-EVENTS_PER_CHUNK = 2_000  # raw events read ahead, and looked up in the warehouse, at a time
+# raw events read ahead, and their keys looked up in the warehouse, at a time: each lookup
+# reads the raw table's `_id` column, so few and large (a chunk holds a few MB of events)
+EVENTS_PER_CHUNK = 10_000
 RANGE_SEQ = 1 << 40  # `_seq` of range i of a partitioned scan starts at i * RANGE_SEQ
 RESYNC = (
     "to start again from a full scan of the collection as it is now, clear the entity's"

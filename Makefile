@@ -9,6 +9,13 @@ USERS ?= 150000
 ORDERS ?= 20000
 PRODUCTS ?= 200
 BENCH_ARGS ?=
+# `make demo ORDERS_MODE=log`: the orders entity read from a logical replication slot (mode =
+# log) instead of polled (incremental); the choice is kept in $(MODE_CFG) until changed again
+ORDERS_MODE ?=
+MODE_CFG := $(STACK)/orders-mode.cfg
+USE_MODE = if [ -n "$(ORDERS_MODE)" ]; then mkdir -p $(STACK) && \
+	printf '[entity.orders]\nmode = %s\n' "$(ORDERS_MODE)" > $(MODE_CFG); fi; \
+	if [ -f $(MODE_CFG) ]; then export LUIGI_CONFIG_PATH=$(abspath $(MODE_CFG)); fi
 
 LINT_DIRS := $(wildcard pipeline tests setup bench)
 
@@ -62,17 +69,17 @@ stack-down:
 	@[ -x $(BIN)/python ] && $(BIN)/python -m setup.stack down --root $(STACK) || true
 
 summary: install
-	set -a; source $(STACK)/env; set +a; $(BIN)/python -m pipeline summary
+	set -a; source $(STACK)/env; set +a; $(USE_MODE); $(BIN)/python -m pipeline summary
 
 status: install
-	set -a; source $(STACK)/env; set +a; $(BIN)/python -m pipeline status
+	set -a; source $(STACK)/env; set +a; $(USE_MODE); $(BIN)/python -m pipeline status
 
 report: install
-	set -a; source $(STACK)/env; set +a; $(BIN)/python -m pipeline report --output $(STACK)/report.html
+	set -a; source $(STACK)/env; set +a; $(USE_MODE); $(BIN)/python -m pipeline report --output $(STACK)/report.html
 	@echo "open $(STACK)/report.html"
 
 demo: install stack-up
-	set -a; source $(STACK)/env; set +a; \
+	set -a; source $(STACK)/env; set +a; $(USE_MODE); \
 	$(BIN)/python setup/generate_data.py --users $(USERS) --orders $(ORDERS) --products $(PRODUCTS) && \
 	$(BIN)/luigi --module pipeline RunAll --scheduler-url "$$LUIGID_URL" && \
 	$(BIN)/python -m pipeline summary && \

@@ -170,6 +170,9 @@ class _Walk:
         if state is not None and start <= state.valid_from:
             start = state.valid_from  # the last change at one instant wins
             if state.opened is not None:
+                # a stored version this batch already rewrites stays rewritten (not born here)
+                before = self.out.opened[state.opened]
+                kept = before[8] if before is not None else None
                 self.out.opened[state.opened] = (
                     key,
                     seq,
@@ -179,7 +182,7 @@ class _Walk:
                     hash_,
                     tombstone,
                     from_seq,
-                    None,
+                    kept,
                 )
                 self.states[key] = _State(start, hash_, updated, tombstone, seq, state.opened)
                 return

@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from pipeline.core.manifest import Manifest
 from pipeline.extract.pg_capture import Capture, pin
-from pipeline.extract.pg_changes import READ_OP, Change, Snapshot, with_meta
+from pipeline.extract.pg_changes import READ_OP, Snapshot, with_meta
 from pipeline.extract.pg_copy import stream
+from pipeline.extract.pg_tuples import Pending
 from pipeline.extract.pg_types import Column, spec
+from pipeline.extract.pgoutput import Tuple
 from pipeline.extract.postgres import configure, connect
 from pipeline.staging import Store, manifest_exists, read_manifest, write_batch
 from pipeline.state import failpoint
@@ -280,20 +282,38 @@ class FirstLoadFilter:
             self.verdicts[xid] = None if len(seen) > 1 else not seen.pop()
         return self.verdicts[xid]
 
-    def keep(self, changes: list[tuple[Change, tuple[int, ...]]]) -> list[bool]:
+    def keep(self, keys: list[tuple[bytes | None, ...]], xids: list[int]) -> list[bool]:
         """Whether each change whose verdict depends on its key's chunk is kept."""
         if self.conn is None:
             self.conn = connect(self.capture.dsn)
             configure(self.conn)  # key texts are parsed with the settings they were made with
-        keys = [c.key(positions) for c, positions in changes]
         chunks = locate(self.conn, self.capture, self.uppers, keys)
-        return [
-            not self.snapshots[i].sees(c.xid) for (c, _), i in zip(changes, chunks, strict=True)
-        ]
+        return [not self.snapshots[i].sees(x) for x, i in zip(xids, chunks, strict=True)]
+
+    def filtered(self, pendings: Iterable[Pending]) -> Iterator[Pending]:
+        """The slot's changes minus those the chunk holding their key saw; a change whose
+        verdict depends on its key's chunk is looked up (one query per record batch)."""
+        try:
+            for pending in pendings:
+                verdicts = [self.verdict(xid) for xid in pending.xids]
+                asked = [row for row, verdict in enumerate(verdicts) if verdict is None]
+                if asked:
+                    positions = pending.shape.key_positions
+                    keys = [_key(pending.values(row), positions) for row in asked]
+                    kept = self.keep(keys, [pending.xids[row] for row in asked])
+                    for row, keep in zip(asked, kept, strict=True):
+                        verdicts[row] = keep
+                yield pending if all(verdicts) else pending.select([bool(v) for v in verdicts])
+        finally:
+            self.close()
 
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
+
+
+def _key(values: Tuple, positions: Sequence[int]) -> tuple[bytes | None, ...]:
+    return tuple(v if isinstance(v, bytes) else None for v in (values[p] for p in positions))
 
 
 def locate(

@@ -29,8 +29,9 @@ from pipeline.extract.pg_capture import (
     SlotLostError,
     replication_connection,
 )
-from pipeline.extract.pg_changes import Change
-from pipeline.extract.pgoutput import Relation, decode_tuple, format_lsn
+from pipeline.extract.pg_changes import Shape
+from pipeline.extract.pg_tuples import Pending
+from pipeline.extract.pgoutput import Relation, format_lsn
 
 IDLE_SECONDS: Final = 600.0
 # When the socket is empty, wait a few ms before select(): a reader that wakes for every
@@ -44,12 +45,12 @@ Skip = Callable[[int, int], bool]
 
 
 class SlotReader:
-    """The changes of one batch from the slot, in commit order; iterate once.
+    """The changes of one batch from the slot, in commit order, as `Pending` record batches of
+    at most `batch_rows` rows of one table shape each; iterate once.
 
-    Yields a Relation whenever the table's shape is (re)announced with a difference, and a
-    Change per row change (a primary-key UPDATE as a delete of the old key and an insert of the
-    new) or TRUNCATE. `end` is where the batch ends once the read is over: the pin, or the end
-    of the transaction that truncated the table.
+    A primary-key UPDATE becomes a delete of the old key and an insert of the new one (in the
+    same batch). `end` is where the batch ends once the read is over: the pin, or the end of the
+    transaction that truncated the table.
     """
 
     def __init__(
@@ -57,15 +58,18 @@ class SlotReader:
         capture: Capture,
         start: int,
         pin: int,
+        shape_of: Callable[[Relation], Shape],
+        batch_rows: int,
         skip: Skip | None = None,
         idle_seconds: float = IDLE_SECONDS,
     ) -> None:
         self.capture, self.start, self.pin, self.skip = capture, start, pin, skip
+        self.shape_of, self.batch_rows = shape_of, max(1, batch_rows)
         self.idle_seconds = idle_seconds
         self.end = pin
         self.truncated = False
 
-    def __iter__(self) -> Iterator[Change | Relation]:
+    def __iter__(self) -> Iterator[Pending]:
         conn, cur = self._start()
         try:
             yield from self._stream(cur)
@@ -120,14 +124,15 @@ class SlotReader:
         time.sleep(_NAP_SECONDS)
         select.select([cur], [], [], _POLL_SECONDS)
 
-    def _stream(self, cur: Any) -> Iterator[Change | Relation]:
+    def _stream(self, cur: Any) -> Iterator[Pending]:
         import psycopg2
 
         relations: dict[int, Relation] = {}
-        keys: dict[int, tuple[int, ...]] = {}
+        shapes: dict[int, Shape] = {}
+        pending: Pending | None = None
         in_transaction = skipping = False
         commit_lsn = commit_time = xid = 0
-        pin, read = self.pin, cur.read_message
+        pin, read, rows = self.pin, cur.read_message, self.batch_rows
         since: float | None = None  # when the socket last ran dry (None: data since)
         while True:
             try:
@@ -136,40 +141,32 @@ class SlotReader:
                 raise self._error(exc) from exc
             if msg is None:
                 if not in_transaction and cur.wal_end >= pin:
-                    return
+                    break
                 since = since or time.monotonic()
                 self._idle(cur, since)
                 continue
             since = None
             payload = msg.payload
             kind = payload[0]
-            if kind == _UPDATE or kind == _INSERT:
+            if kind == _INSERT or kind == _UPDATE or kind == _DELETE:
                 if skipping:
                     continue
-                if payload[5] == _NEW:  # no old tuple: every insert, almost every update
-                    new, _, unsent = decode_tuple(payload, 6)
-                    relation = relations[relation_of(payload, 1)[0]]
+                shape = shapes[relation_of(payload, 1)[0]]
+                if pending is None or pending.shape is not shape or len(pending) >= rows:
+                    if pending is not None and len(pending):
+                        yield pending
+                    pending = Pending(shape)
+                if kind == _DELETE:  # the old key (or row) is the tuple at 6
+                    pending.add(payload, 6, "delete", commit_lsn, commit_time, xid)
+                elif payload[5] == _NEW:  # no old tuple: every insert, almost every update
                     op = "update" if kind == _UPDATE else "insert"
-                    yield Change(
-                        op, relation, commit_lsn, commit_time, xid, new, None, None, unsent
-                    )
+                    pending.add(payload, 6, op, commit_lsn, commit_time, xid)
                 else:
-                    u = pgoutput.decode_update(payload)
-                    key = keys[u.relation_id]
-                    yield from _update(
-                        relations[u.relation_id], key, u, commit_lsn, commit_time, xid
-                    )
-            elif kind == _DELETE:
-                if not skipping:
-                    d = pgoutput.decode_delete(payload)
-                    relation = relations[d.relation_id]
-                    yield Change(
-                        "delete", relation, commit_lsn, commit_time, xid, None, d.old, d.old_kind
-                    )
+                    _update(pending, payload, commit_lsn, commit_time, xid)
             elif kind == _BEGIN:
                 begin = pgoutput.decode_begin(payload)
                 if begin.final_lsn >= pin:
-                    return
+                    break
                 in_transaction = True
                 commit_lsn, commit_time, xid = begin.final_lsn, begin.commit_time_us, begin.xid
                 skipping = self.skip is not None and self.skip(xid, commit_lsn)
@@ -178,24 +175,23 @@ class SlotReader:
                 end = pgoutput.decode_commit(payload).end_lsn
                 if self.truncated:
                     self.end = end
-                    return
+                    break
                 if end >= pin:
-                    return
+                    break
             elif kind == _RELATION:
                 relation = pgoutput.decode_relation(payload)
                 self._check_relation(relation)
                 if relations.get(relation.relation_id) != relation:
                     relations[relation.relation_id] = relation
-                    keys[relation.relation_id] = _positions(relation, self.capture.key)
-                    yield relation
+                    shapes[relation.relation_id] = self.shape_of(relation)
             elif kind == _TRUNCATE:
                 if not skipping:
-                    for relation_id in pgoutput.decode_truncate(payload).relation_ids:
-                        self.truncated = True
-                        relation = relations[relation_id]
-                        yield Change("truncate", relation, commit_lsn, commit_time, xid, None)
+                    pgoutput.decode_truncate(payload)
+                    self.truncated = True
             else:
                 pgoutput.decode(payload)  # Origin, Type: nothing to act on; still validated
+        if pending is not None and len(pending):
+            yield pending
 
     def _check_relation(self, relation: Relation) -> None:
         capture = self.capture
@@ -206,27 +202,15 @@ class SlotReader:
             )
 
 
-def _positions(relation: Relation, key: tuple[str, ...]) -> tuple[int, ...]:
-    names = relation.column_names
-    return tuple(names.index(k) for k in key if k in names)
-
-
-def _update(
-    relation: Relation,
-    key: tuple[int, ...],
-    u: pgoutput.Update,
-    commit_lsn: int,
-    commit_time: int,
-    xid: int,
-) -> Iterator[Change]:
-    """An UPDATE as one change, or, when it moved the row to another key, as a delete of the
-    old key and an insert of the new one (whose unsent values are the old key's)."""
-    new, unchanged = pgoutput.resolve_unchanged(u) if u.unchanged else (u.new, ())
-    old = u.old
+def _update(pending: Pending, payload: bytes, commit_lsn: int, commit_time: int, xid: int) -> None:
+    """An UPDATE that carries its old key or row: one update, or, when it moved the row to
+    another key, a delete of the old key and an insert of the new one (whose unsent values are
+    the old key's). Under REPLICA IDENTITY FULL unsent values are taken from the old row."""
+    u = pgoutput.decode_update(payload)
+    new, _ = pgoutput.resolve_unchanged(u) if u.unchanged else (u.new, ())
+    old, key = u.old, pending.shape.key_positions
     if old is not None and any(old[p] != new[p] for p in key):
-        yield Change("delete", relation, commit_lsn, commit_time, xid, None, old, u.old_kind)
-        yield Change(
-            "insert", relation, commit_lsn, commit_time, xid, new, None, None, unchanged, old
-        )
-        return
-    yield Change("update", relation, commit_lsn, commit_time, xid, new, None, None, unchanged)
+        pending.add(payload, 6, "delete", commit_lsn, commit_time, xid)
+        pending.add_row(new, "insert", commit_lsn, commit_time, xid, moved=old)
+    else:
+        pending.add_row(new, "update", commit_lsn, commit_time, xid)

@@ -39,7 +39,7 @@ from pipeline.extract.pg_capture import (
     slot_status,
 )
 from pipeline.extract.pg_capture_checks import require_capture
-from pipeline.extract.pg_changes import Change, Shape, Snapshot, batches, pg_column
+from pipeline.extract.pg_changes import Shape, Snapshot, batches, pg_column
 from pipeline.extract.pg_first_load import (
     FirstLoadFilter,
     Stager,
@@ -48,6 +48,7 @@ from pipeline.extract.pg_first_load import (
     scan,
 )
 from pipeline.extract.pg_stream import SlotReader
+from pipeline.extract.pg_tuples import Pending
 from pipeline.extract.pg_types import Column
 from pipeline.extract.pgoutput import Relation, format_lsn, parse_lsn
 from pipeline.extract.postgres import PostgresSource, configure, connect
@@ -59,8 +60,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("pipeline")
 _LSN = re.compile(r"[0-9A-F]{1,8}/[0-9A-F]{1,8}")
 MIB = 1 << 20
-_AMBIGUOUS_ROWS = 5_000  # first-load changes whose chunk is looked up per query
-_PENDING_ROWS = 50_000  # at most this many changes wait for such a lookup
 _TYPES = """
 SELECT t.oid, b.typname, CASE WHEN t.typtype = 'd' THEN t.typtypmod END,
        format_type(b.oid, CASE WHEN t.typtype = 'd' THEN t.typtypmod END)
@@ -145,8 +144,10 @@ class PostgresLogSource(PostgresSource):
             if position.resync:
                 return self._whole(capture, position.lsn, f"after a {position.resync}")
             skip = position.skips if position.skip is not None else None
-            reader = SlotReader(capture, position.lsn, pin(conn), skip)
-            return self._changes(reader, reader, first_seq=0)
+            types = _Types(capture)
+            rows = self.settings.batch_rows
+            reader = SlotReader(capture, position.lsn, pin(conn), types.shape, rows, skip)
+            return self._changes(reader, reader, types, first_seq=0)
         finally:
             conn.close()
 
@@ -160,10 +161,11 @@ class PostgresLogSource(PostgresSource):
             status = None
         start = create_slot(capture) if status is None else (status.confirmed_flush_lsn or 0)
         chunks = read_chunks(capture, self._stager(), self._prefix)
-        reader = SlotReader(capture, start, pin(conn))
-        events = _first_load_filtered(reader, FirstLoadFilter(capture, chunks))
+        types = _Types(capture)
+        reader = SlotReader(capture, start, pin(conn), types.shape, self.settings.batch_rows)
+        events = FirstLoadFilter(capture, chunks).filtered(reader)
         first_seq = chunks[-1].first_seq + chunks[-1].manifest.rows
-        read = self._changes(events, reader, first_seq)
+        read = self._changes(events, reader, types, first_seq)
         read.staged = [c.manifest for c in chunks]
         log.info("%s: first load of %s in %d chunk(s)", self.entity.name, capture.qualified,
                  len(chunks))  # fmt: skip
@@ -196,16 +198,13 @@ class PostgresLogSource(PostgresSource):
         return Read(rows, {"lower": format_lsn(start), "upper": upper}, whole=True)
 
     def _changes(
-        self, events: Iterable[Change | Relation], reader: SlotReader, first_seq: int
+        self, events: Iterable[Pending], reader: SlotReader, types: _Types, first_seq: int
     ) -> Read:
-        capture = self.capture
         window: dict[str, str | None] = {
             "lower": format_lsn(reader.start),
             "upper": format_lsn(reader.pin),
         }
-        types = _Types(capture)
-        shaped = (types.shape(e) if isinstance(e, Relation) else e for e in events)
-        rows = batches(shaped, self.settings.batch_rows, first_seq, types.arrays_to_json)
+        rows = batches(events, first_seq, types.arrays_to_json)
         return Read(_completing(rows, reader, window, types), window, whole=False)
 
     def _stager(self) -> Stager:
@@ -332,39 +331,3 @@ class _Types:
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
-
-
-def _first_load_filtered(
-    events: Iterable[Change | Relation], keep: FirstLoadFilter
-) -> Iterator[Change | Relation]:
-    """The slot's changes minus those a chunk saw. A change whose verdict depends on its key's
-    chunk waits (with everything after it, so order is kept) to be looked up in bulk."""
-    pending: list[Change | Relation] = []
-    asked: list[tuple[int, Change, tuple[int, ...]]] = []
-
-    def flush() -> Iterator[Change | Relation]:
-        dropped = set()
-        if asked:
-            kept = keep.keep([(change, key) for _, change, key in asked])
-            dropped = {i for (i, _, _), k in zip(asked, kept, strict=True) if not k}
-        yield from (e for i, e in enumerate(pending) if i not in dropped)
-        pending.clear()
-        asked.clear()
-
-    key: tuple[int, ...] = ()
-    try:
-        for event in events:
-            if isinstance(event, Relation):
-                key = tuple(event.column_names.index(k) for k in keep.capture.key)
-            elif event.op != "truncate":
-                verdict = keep.verdict(event.xid)
-                if verdict is False:
-                    continue
-                if verdict is None:
-                    asked.append((len(pending), event, key))
-            pending.append(event)
-            if not asked or len(asked) >= _AMBIGUOUS_ROWS or len(pending) >= _PENDING_ROWS:
-                yield from flush()
-        yield from flush()
-    finally:
-        keep.close()

@@ -592,16 +592,17 @@ def main(argv: list[str] | None = None) -> int:
         for name, runs in bench.samples.items()
     }
     summary = summarise(bench.samples, args)
-    if args.log:
-        summary["log"] = log_capture.summarise(bench.samples, scale_name(args.users))
+    log_summary = log_capture.summarise(bench.samples, scale_name(args.users)) if args.log else {}
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{bench.tag}.json"
     payload = {"meta": meta, "summary": summary, "profile": profile, "figures": figures}
+    if log_summary:
+        payload["log"] = log_summary
     out.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     print()
     print(render(summary, meta, profile))
-    if args.log:
-        print(log_capture.render(summary["log"]))
+    if log_summary:
+        print(log_capture.render(log_summary))
     print(f"\nresults: {out.relative_to(ROOT)}   total bench wall time {total:.0f} s")
     if not args.keep and args.root is None:
         shutil.rmtree(root, ignore_errors=True)

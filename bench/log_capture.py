@@ -58,6 +58,7 @@ def after_change(bench: Bench, scale: str, rep: int, slot: str) -> None:
     seq = f"{scale}-orders-log-{rep}"
     bench.attempt(f"{scale}/ours/orders_log1", bench.ours, seq, ["orders"], env=_env(bench))
     bench.attempt(f"{scale}/floor/pg_decode_1pct", bench.floor, "pg_decode", "--slot", slot)
+    bench.attempt(f"{scale}/ours/orders_log0", bench.ours, seq, ["orders"], env=_env(bench))
 
 
 def update_orders(env: dict[str, str], changes: int) -> int:
@@ -110,7 +111,8 @@ def _median(values: list[float]) -> float | None:
 
 
 def _stage(runs: list[Sample], *stages: str) -> float | None:
-    return _median([sum(s.stages.get(k, 0.0) for k in stages) for s in runs])
+    """Median seconds in these stages (None for a floor, which has no stages)."""
+    return _median([sum(s.stages.get(k, 0.0) for k in stages) for s in runs if s.stages])
 
 
 def _read(runs: list[Sample]) -> float | None:
@@ -131,12 +133,13 @@ def summarise(samples: dict[str, list[Sample]], scale: str) -> dict[str, Any]:
     log1, incr1 = get("ours/orders_log1"), get("ours/orders_incr1")
     floor1, floor_many = get("floor/pg_decode_1pct"), get("floor/pg_decode_many")
     many = get("ours/orders_log_many")
-    initial = get("ours/orders_log_initial")
+    initial, log0 = get("ours/orders_log_initial"), get("ours/orders_log0")
     out: dict[str, Any] = {"lines": [], "checks": []}
     for label, runs in (
         ("orders first load, mode = log", initial),
         ("orders 1%, incremental (polled)", incr1),
         ("orders 1%, mode = log", log1),
+        ("orders no change, mode = log", log0),
         ("decoding floor, the same 1%", floor1),
         ("N changes, mode = log, one batch", many),
         ("decoding floor, the same N", floor_many),
@@ -182,26 +185,48 @@ def summarise(samples: dict[str, list[Sample]], scale: str) -> dict[str, Any]:
             "<=",
         )
     )
-    per_1pct = _per_change(log1, floor1)
-    per_many = _per_change(many, floor_many)
-    if per_1pct is not None and per_many is not None:
-        out["per_change_us"] = {"1%": per_1pct, "N": per_many}
+    linear = _linear(log0, log1, floor1, many, floor_many)
+    if linear is not None:
+        out["linear"] = linear
         out["checks"].append(
             _check(
-                "cost per change, 1% batch / N batch (O(N): about 1 or below)",
-                per_1pct / per_many,
+                "1% batch / (no-change batch + 1% x the N batch's cost per change): O(N)",
+                linear["measured_s"] / linear["predicted_s"],
                 1.5,
+                "<=",
+            )
+        )
+        first = _stage(initial, "extract", "load")
+        out["checks"].append(
+            _check(
+                "no-change batch / first load (extract + load): not O(table)",
+                _ratio(linear["fixed_s"], first),
+                0.5,
                 "<=",
             )
         )
     return out
 
 
-def _per_change(runs: list[Sample], floor: list[Sample]) -> float | None:
-    """Microseconds per change of the batch's extract + load (changes counted by the floor)."""
-    changes = _median([s.rows for s in floor if s.rows])
-    spent = _stage(runs, "extract", "load")
-    return spent / changes * 1e6 if changes and spent else None
+def _linear(
+    log0: list[Sample], log1: list[Sample], floor1: list[Sample], many: list[Sample],
+    floor_many: list[Sample],
+) -> dict[str, float] | None:  # fmt: skip
+    """A batch's extract + load as fixed cost + changes x cost per change: the fixed cost from
+    the no-change batch, the cost per change from the N batch; the 1% batch against that."""
+    fixed, small, large = (_stage(r, "extract", "load") for r in (log0, log1, many))
+    n_small = _median([s.rows for s in floor1 if s.rows])
+    n_large = _median([s.rows for s in floor_many if s.rows])
+    if None in (fixed, small, large) or not n_small or not n_large:
+        return None
+    assert fixed is not None and small is not None and large is not None
+    per_change = (large - fixed) / n_large
+    return {
+        "fixed_s": fixed,
+        "per_change_us": per_change * 1e6,
+        "measured_s": small,
+        "predicted_s": fixed + n_small * per_change,
+    }
 
 
 def _check(what: str, value: float | None, target: float, kind: str) -> dict[str, Any]:
@@ -232,10 +257,12 @@ def render(summary: dict[str, Any]) -> str:
             f" {rates['consumed_rows_s']:,.0f}/s,"
             f" with the snapshot {rates['with_snapshot_rows_s']:,.0f}/s"
         )
-    per = summary.get("per_change_us")
-    if per:
+    linear = summary.get("linear")
+    if linear:
         lines.append(
-            f"  extract + load per change: 1% batch {per['1%']:.1f} us, N batch {per['N']:.1f} us"
+            f"  extract + load: fixed {linear['fixed_s']:.2f} s (no-change batch) +"
+            f" {linear['per_change_us']:.1f} us per change; the 1% batch took"
+            f" {linear['measured_s']:.2f} s, predicted {linear['predicted_s']:.2f} s"
         )
     for check in summary.get("checks", []):
         state = {True: "ok", False: "MISSED", None: "-"}[check["ok"]]

@@ -14,9 +14,11 @@ batch is read by batch ids, and writing the same versions again is absorbed by t
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from pipeline.config import Entity
+from pipeline.core.batch import batch_time
 from pipeline.core.errors import InvariantError, SnapshotError
 from pipeline.core.names import OP, SCAN_OP
 from pipeline.snapshot.change_plan import ChangePlan
@@ -97,17 +99,22 @@ def _diff(
     """Diff each bucket's changes against its keys' live versions and park the result."""
     plan = batch.plan
     spec = spec_for(plan.entity)
-    batch_ts = effective_time(wh, plan.names, plan.batch_id)
+    # the batch time places only changes without a time of their own (first-load rows); it
+    # reads the whole history's latest version, so a batch of timed changes never asks
+    batch_ts: datetime | None = None
     for bucket in range(buckets.count):
         where = buckets.where(bucket)
         changes = wh.query_arrow(sql.changes_sql(where), plan.params)
         if not changes.num_rows:
             continue
         _refuse_null_keys(plan.entity, changes, plan.batch_id)
+        if batch_ts is None and changes.column("_time").null_count:
+            batch_ts = effective_time(wh, plan.names, plan.batch_id)
         current = wh.query_arrow(sql.current_sql(where), plan.params)
         ended_sql = sql.ended_sql(where)
         ended: pa.Table | None = wh.query_arrow(ended_sql, plan.params) if ended_sql else None
-        d = diff_changes(spec, current, changes, batch_ts, plan.entity.collapse, ended, step)
+        at = batch_ts or batch_time(plan.batch_id)  # unused when every change has its time
+        d = diff_changes(spec, current, changes, at, plan.entity.collapse, ended, step)
         parked.add(bucket, d)
 
 

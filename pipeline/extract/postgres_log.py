@@ -255,7 +255,7 @@ class PostgresLogSource(PostgresSource):
             return [CaptureStatus(entity, capture.name, "-", "-", "no slot: made by the next run")]
         lag = "-" if found.lag_bytes is None else f"{found.lag_bytes} bytes"
         held = found.retained_bytes
-        holds = f"{_mib(held)} WAL ({found.wal_status})"
+        holds = f"{_mib(held)} of WAL ({found.wal_status})"
         warning = ""
         if found.lost:
             warning = "lost: the next batch re-reads the table on a new slot"
@@ -267,7 +267,9 @@ class PostgresLogSource(PostgresSource):
 
 
 def _mib(value: int | None) -> str:
-    return "-" if value is None else f"{value / MIB:.1f} MiB"
+    if value is None:
+        return "-"
+    return f"{value / MIB:.1f} MiB" if value >= MIB else f"{value / 1024:.1f} KiB"
 
 
 def _completing(

@@ -527,7 +527,7 @@ def test_status_shows_each_slot_its_lag_and_retained_wal(log_env: LogEnv) -> Non
     log_env.run()
     (line,) = capture_status(runtime.settings())
     assert line["entity"] == ENTITY and line["name"] == log_env.slot()
-    assert line["lag"].endswith(" bytes") and "MiB WAL (reserved)" in line["holds"]
+    assert line["lag"].endswith(" bytes") and line["holds"].endswith(" of WAL (reserved)")
     assert line["warning"] == ""
     log_env.setting("slot_lag_warn_mb", "0.000001")
     (line,) = capture_status(runtime.settings())

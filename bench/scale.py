@@ -166,18 +166,29 @@ def deployments(
 
 
 def run_size(
-    root: Path, tag: str, size: int, envs: dict[str, dict[str, str]], url: str
+    root: Path, size: int, envs: dict[str, dict[str, str]], url: str, save: Any
 ) -> tuple[list[Run], dict[str, int]]:
-    runs, changed = [], {}
+    """Both targets, initial then 1% change; a failed run is reported and skips its target's
+    next phase (it would meet a history the first did not finish)."""
+    runs, changed, failed = [], {}, set()
     for phase in ("initial", "change1"):
         if phase == "change1":
             env = envs["server"]
             changed = change_users(env["CDC_MONGO_URI"], env["CDC_MONGO_DB"], size, seed=size)
         batch = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         for target, workers, scheduler in (("server", 1, None), ("cluster", 2, url)):
+            if target in failed:
+                continue
             name = f"{size}-{target}-{phase}"
-            wall, reports = measure(root, name, envs[target], batch, workers, scheduler)
-            runs.append(Run(size, target, phase, wall, reports))
+            try:
+                wall, reports = measure(root, name, envs[target], batch, workers, scheduler)
+            except RuntimeError as exc:
+                print(f"  {name}: FAILED {exc}", flush=True)
+                failed.add(target)
+                runs.append(Run(size, target, phase, float("nan"), [{"failed": str(exc)}]))
+            else:
+                runs.append(Run(size, target, phase, wall, reports))
+            save(runs)
     return runs, changed
 
 
@@ -187,6 +198,9 @@ def render(runs: list[Run]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in runs:
+        if r.wall != r.wall:  # NaN: the run failed
+            lines.append(f"| {r.size:,} | {r.target} | {r.phase} | failed | | | |")
+            continue
         peaks = " / ".join(f"{w['peak_kb'] / 1024:.0f} MB" for w in r.workers)
         tasks = " / ".join(str(len(w.get("ran", []))) for w in r.workers)
         lines.append(
@@ -200,7 +214,7 @@ def render(runs: list[Run]) -> str:
         for target in ("server", "cluster"):
             for phase in ("initial", "change1"):
                 a, b = by.get((small, target, phase)), by.get((big, target, phase))
-                if a and b:
+                if a and b and a.wall == a.wall and b.wall == b.wall:
                     lines.append(
                         f"\n{target} {phase}: {b.per_million:.1f} s per 1M at {big:,} against"
                         f" {a.per_million:.1f} at {small:,} ({b.per_million / a.per_million:.2f}x)"
@@ -224,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     cluster = None
     runs: list[Run] = []
     meta: dict[str, Any] = {"started": tag, "sizes": sizes, "cpus": os.cpu_count(), "setup": {}}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"scale-{tag}.json"
     try:
         services = stack.start_services(root / "stack", ["mongodb", "s3", "clickhouse", "luigid"])
         cluster = stack.start_cluster(root / "stack" / "cluster")
@@ -231,25 +247,29 @@ def main(argv: list[str] | None = None) -> int:
         for service in services.values():
             base.update(service.env)
         url = base.pop("LUIGID_URL")
+        meta["partitions"] = args.scale_partitions
+
+        def save(more: list[Run]) -> None:  # after every run: a failure keeps what was measured
+            done = [asdict(r) for r in [*runs, *more]]
+            out.write_text(json.dumps({"meta": meta, "runs": done}, indent=1) + "\n")
+
         for size in sizes:
             uri = base["CDC_MONGO_URI"]
             meta["setup"][f"generate_{size}_s"] = ensure_users(uri, f"scale_{size}", size)
             print(f"scale: {size:,} users ready", flush=True)
             envs = deployments(base, root, tag, size, cluster, args.scale_partitions)
-            size_runs, changed = run_size(root, tag, size, envs, url)
+            size_runs, changed = run_size(root, size, envs, url, save)
             runs += size_runs
             meta[f"change_{size}"] = changed
+            save([])
             if not args.keep:
                 _drop(envs)
     finally:
         if cluster is not None:
             stack.stop_cluster(cluster)
         stack.stop_all(services.values())
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"scale-{tag}.json"
-    out.write_text(json.dumps({"meta": meta, "runs": [asdict(r) for r in runs]}, indent=1) + "\n")
     print("\n" + render(runs) + f"\n\nresults: {out.relative_to(ROOT)}")
-    return 0
+    return 1 if any(r.wall != r.wall for r in runs) else 0
 
 
 def _drop(envs: dict[str, dict[str, str]]) -> None:

@@ -40,37 +40,40 @@ def canonical_text(array: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedAr
 
 
 def _piece(name: str | None, text: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """`<name>=<length>:<text>;`, NULL where the value is NULL (the join drops those)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     length = pc.cast(pc.binary_length(text), pa.string())
     prefix = "" if name is None else f"{name}="
-    joined = pc.binary_join_element_wise(prefix, length, ":", text, ";", "")
-    return pc.if_else(pc.is_null(text), "", joined)
+    return pc.binary_join_element_wise(prefix, length, ":", text, ";", "")
+
+
+def _join(pieces: list[pa.Array | pa.ChunkedArray]) -> pa.Array | pa.ChunkedArray:
+    """Concatenate pieces row by row; a NULL piece (a NULL value) contributes nothing."""
+    import pyarrow.compute as pc
+
+    if len(pieces) == 1:
+        return pc.fill_null(pieces[0], "")
+    return pc.binary_join_element_wise(*pieces, "", null_handling="replace", null_replacement="")
 
 
 def encode_rows(table: pa.Table, columns: Sequence[str]) -> pa.ChunkedArray | pa.Array:
     """The canonical encoding of the named columns of every row (see module docstring)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     names = sorted(c for c in columns if c in table.column_names)
     if not names:
         return pa.array([""] * table.num_rows, pa.string())
-    pieces = [_piece(n, canonical_text(table.column(n))) for n in names]
-    if len(pieces) == 1:
-        return pieces[0]
-    return pc.binary_join_element_wise(*pieces, "")
+    return _join([_piece(n, canonical_text(table.column(n))) for n in names])
 
 
 def encode_key(table: pa.Table, key: Sequence[str]) -> pa.ChunkedArray | pa.Array:
     """An unambiguous string per key: ('ab','c') and ('a','bc') encode differently."""
-    import pyarrow.compute as pc
 
     if len(key) == 1:
         return canonical_text(table.column(key[0]))
-    pieces = [_piece(None, canonical_text(table.column(k))) for k in key]
-    return pc.binary_join_element_wise(*pieces, "")
+    return _join([_piece(None, canonical_text(table.column(k))) for k in key])
 
 
 def _as_bytes(texts: pa.Array | pa.ChunkedArray) -> list[bytes | None]:

@@ -156,13 +156,15 @@ def plan_ranges(uri: str, database: str, collection: str, parts: int) -> list[An
     """`parts - 1` `_id` boundaries splitting the collection into ranges of similar size.
 
     One pass over the `_id` index (ids only); the ranges [b(i-1), b(i)) cover every document
-    that exists at extraction time, whatever was inserted in between.
+    that exists at extraction time, whatever was inserted in between. The size is the
+    collection's metadata count: a wrong estimate only unbalances the ranges, and counting
+    exactly would read the collection once more (SecantusDB counts by scanning).
     """
     client = connect(uri)
     try:
         require_collection(client, database, collection)
         coll = client[database][collection]
-        total = coll.count_documents({})
+        total = coll.estimated_document_count()
         if parts <= 1 or total < parts:
             return []
         step = total / parts

@@ -11,11 +11,15 @@ nested documents as JSON with sorted keys (done at extraction).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING, TypeVar
+
+from pipeline.core.names import CHECK_COLS, CHECK_HASH
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+Rows = TypeVar("Rows", "pa.Table", "pa.RecordBatch")
 
 
 def canonical_text(array: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
@@ -107,3 +111,14 @@ def check_signature(check_cols: Sequence[str] | None) -> str:
     while they still cover the entity's `check_cols`.
     """
     return "*" if check_cols is None else ",".join(sorted(check_cols))
+
+
+def with_check_hash(part: Rows, check_cols: Sequence[str] | None, meta: Collection[str]) -> Rows:
+    """`part` plus its change hash (`_check_hash`) and what the hash covers (`_check_cols`):
+    the columns in `check_cols`, or every column not in `meta`."""
+    import pyarrow as pa
+
+    sources = [c for c in part.column_names if c not in meta]
+    hashed = row_hash(part, sources if check_cols is None else check_cols)
+    signature = pa.repeat(pa.scalar(check_signature(check_cols)), part.num_rows)
+    return part.append_column(CHECK_HASH, hashed).append_column(CHECK_COLS, signature)

@@ -15,8 +15,10 @@ BATCHES = "_cdc_batches"  # stage markers: a row per (entity, stage, batch) that
 STATE = "_cdc_state"  # PostgreSQL watermarks, a row per loaded batch
 RUNS = "_cdc_runs"  # the run audit, a row per task run
 
-# columns the raw load adds to every row
-LOAD_META_COLUMNS = ("_batch_id", "_loaded_at", "_row_hash", "_check_hash", "_check_cols")
+# columns the raw load adds to every row (a change source may stage the two change-hash
+# columns already, computed while it waits on the log: the load keeps them when they still fit)
+CHECK_HASH, CHECK_COLS = "_check_hash", "_check_cols"
+LOAD_META_COLUMNS = ("_batch_id", "_loaded_at", "_row_hash", CHECK_HASH, CHECK_COLS)
 # columns a change source (a database log) stages with each change: the operation, its order
 # in the batch (`_seq`), where and when it was committed, which columns it left unchanged, and
 # the key the row had before, when the change moved it to another key (`_old_key`, encoded as

@@ -25,8 +25,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline import notify
+from pipeline.core.hashing import with_check_hash
 from pipeline.core.manifest import Manifest
-from pipeline.core.names import batch_prefix
+from pipeline.core.names import RAW_META_COLUMNS, batch_prefix
 from pipeline.extract.base import CaptureStatus, Read
 from pipeline.extract.pg_capture import (
     Capture,
@@ -205,7 +206,8 @@ class PostgresLogSource(PostgresSource):
             "upper": format_lsn(reader.pin),
         }
         rows = batches(events, first_seq, types.arrays_to_json)
-        return Read(_completing(rows, reader, window, types), window, whole=False)
+        hashed = (with_check_hash(b, self.entity.check_cols, RAW_META_COLUMNS) for b in rows)
+        return Read(_completing(hashed, reader, window, types), window, whole=False)
 
     def _stager(self) -> Stager:
         assert self.context.store is not None, "Extract hands log sources the staging store"

@@ -13,10 +13,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from pipeline.config import Entity
+from pipeline.core import hashing
 from pipeline.core.errors import LoadError
 from pipeline.core.hashing import check_signature, encode_key, row_hash
 from pipeline.core.manifest import Manifest
-from pipeline.core.names import LOAD_META_COLUMNS, OP, RAW_META_COLUMNS, SEQ
+from pipeline.core.names import CHECK_COLS, CHECK_HASH, LOAD_META_COLUMNS, OP, RAW_META_COLUMNS, SEQ
 from pipeline.load.drift import align
 from pipeline.load.retention import ttl_clause
 from pipeline.load.unchanged import fill_unchanged
@@ -60,13 +61,26 @@ def ensure_raw_table(wh: Warehouse, database: str, entity: Entity, schema: pa.Sc
 
 def with_check_hash(part: pa.Table, entity: Entity) -> pa.Table:
     """Append `_check_hash` and `_check_cols` to a part (source columns only, no raw meta)."""
-    import pyarrow as pa
+    return hashing.with_check_hash(part, entity.check_cols, META_COLUMNS)
 
-    sources = [c for c in part.column_names if c not in META_COLUMNS]
-    hashed = row_hash(part, sources if entity.check_cols is None else entity.check_cols)
-    return part.append_column("_check_hash", hashed).append_column(
-        "_check_cols", pa.repeat(pa.scalar(check_signature(entity.check_cols)), part.num_rows)
-    )
+
+def _change_hashed(staged: pa.Table, part: pa.Table, entity: Entity, untouched: bool) -> pa.Table:
+    """`part` with its change hash: the one staged with it while it still fits, else new.
+
+    A change source hashes its rows while it waits on the log. That hash fits while the load
+    left the rows as staged (`untouched`: no timestamp cut to seconds, no unchanged value
+    filled in; and no column widened) and covers the columns the entity checks now.
+    """
+    if CHECK_HASH in part.column_names:
+        signature = part.column(CHECK_COLS)[0].as_py() if part.num_rows else None
+        if (
+            untouched
+            and signature == check_signature(entity.check_cols)
+            and all(staged.schema.field(f.name).type == f.type for f in part.schema)
+        ):
+            return part
+        part = part.drop_columns([CHECK_HASH, CHECK_COLS])
+    return with_check_hash(part, entity)
 
 
 def discard_partial(wh: Warehouse, database: str, table: str, batch_id: str) -> int:
@@ -164,10 +178,12 @@ def load_batch(
             raise LoadError(
                 f"{entity.name} batch {manifest.batch_id}: unique_key column(s) {missing} missing"
             )
-        part = align(wh, database, entity, _truncate_timestamps(part, wh))
-        part = fill_unchanged(wh, database, entity, part)
-        sources = [c for c in part.column_names if c not in META_COLUMNS]
-        part = with_check_hash(part, entity)
+        truncated = _truncate_timestamps(part, wh)
+        aligned = align(wh, database, entity, truncated)
+        filled = fill_unchanged(wh, database, entity, aligned)
+        sources = [c for c in filled.column_names if c not in META_COLUMNS]
+        untouched = truncated is part and filled is aligned
+        part = _change_hashed(part, filled, entity, untouched)
         part = part.append_column("_row_hash", _row_hashes(part, sources, entity))
         if lower is not None:
             if skip is None:

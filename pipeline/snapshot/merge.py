@@ -253,9 +253,9 @@ class Pending:
         params: dict[str, object] = {**self.plan.params, "v": version}
         stored = list(self.wh.columns(names.database, names.storage))
         columns = [c for c in source if c in stored]
-        whole = {b: n for b, n in self.opened.items() if b in self.whole}
-        for group in groups(whole, bucket_rows):  # a statement's memory grows with its rows
-            sql = self.sql.open_sql(columns, self.buckets.where_any(group), None)
+        whole = sorted(b for b in self.opened if b in self.whole)
+        if whole:  # one pass over the batch (a statement per group re-reads it), parts capped
+            sql = self.sql.open_sql(columns, self.buckets.where_any(whole), None, bucket_rows)
             self.wh.execute(sql, params)
         partial = {b: n for b, n in self.opened.items() if b not in self.whole}
         for group in groups(partial, bucket_rows):

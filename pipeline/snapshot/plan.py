@@ -280,11 +280,14 @@ class Parking:
     def parked_opens(self, group: list[int]) -> str:
         return f"FROM {self.q(self.open_table)} WHERE _bucket IN ({ints(group)})"
 
-    def open_sql(self, columns: list[str], rows: str, parked: str | None) -> str:
+    def open_sql(
+        self, columns: list[str], rows: str, parked: str | None, block_rows: int | None = None
+    ) -> str:
         """INSERT the batch's rows that open versions, with their meta columns, in one statement.
 
         `parked` (timestamp strategy) supplies each key's validity start; the check strategy
         opens every version at the batch time. Takes `%(v)s`, the version of the write.
+        `block_rows` caps the rows the server gathers before it writes a part (its memory).
         """
         entity, keys = self.plan.entity, self.plan.keys
         meta = {
@@ -316,9 +319,13 @@ class Parking:
         else:
             raw = f"({raw})"
         target = [*columns, *meta]
+        settings = (
+            "" if block_rows is None else f" SETTINGS min_insert_block_size_rows = {block_rows:d}"
+        )
         return (
             f"INSERT INTO {self.plan.names.q_storage} ({', '.join(map(quote_ident, target))})"
             f" SELECT {', '.join([*map(quote_ident, columns), *meta.values()])} FROM {raw}"
+            f"{settings}"
         )
 
     def opens_of_parked(self, columns: list[str], group: list[int]) -> str:

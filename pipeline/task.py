@@ -60,7 +60,8 @@ class PipelineTask(luigi.Task):
         cfg = runtime.settings()
         for attempt in range(cfg.task_retries + 1):
             try:
-                self.execute()
+                with runtime.warehouse().catalog_scope():
+                    self.execute()
                 return
             except PipelineError as exc:
                 if not exc.retriable or attempt == cfg.task_retries:

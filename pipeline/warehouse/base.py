@@ -19,6 +19,9 @@ from pipeline.warehouse.sql import quote_ident
 if TYPE_CHECKING:
     import pyarrow as pa
 
+# statements that can change which tables exist or what columns they have
+DDL_WORDS = frozenset({"CREATE", "DROP", "ALTER", "RENAME", "EXCHANGE", "ATTACH", "DETACH"})
+
 
 @dataclass(frozen=True)
 class Features:
@@ -67,6 +70,8 @@ class Warehouse(ABC):
     url: str
     features: Features
     cluster: cl.Cluster | None = None  # set when `[cdc] cluster` names one (servers only)
+    # database -> table -> column -> type, while a `catalog_scope` is open
+    _catalog: dict[str, dict[str, dict[str, str]]] | None = None
 
     @abstractmethod
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
@@ -92,6 +97,8 @@ class Warehouse(ABC):
         return rows[0][0] if rows else None
 
     def table_exists(self, database: str, table: str) -> bool:
+        if self._catalog is not None:
+            return table in self._tables(database)
         return bool(
             self.scalar(
                 "SELECT count() FROM system.tables WHERE database = %(d)s AND name = %(t)s",
@@ -101,11 +108,55 @@ class Warehouse(ABC):
 
     def columns(self, database: str, table: str) -> dict[str, str]:
         """Column name -> ClickHouse type, in table order."""
+        if self._catalog is not None:
+            return dict(self._tables(database).get(table, {}))
         rows = self.query_rows(
             "SELECT name, type FROM system.columns WHERE database = %(d)s AND table = %(t)s",
             {"d": database, "t": table},
         )
         return dict(rows)
+
+    def knows_table(self, database: str, table: str) -> bool:
+        """Whether an open `catalog_scope` has seen `table` (never asks the server)."""
+        return self._catalog is not None and self.table_exists(database, table)
+
+    @contextmanager
+    def catalog_scope(self) -> Iterator[None]:
+        """Answer `table_exists` and `columns` from one read of a database's catalog, read
+        again after any DDL this connection runs.
+
+        A task opens one around its work: it is the only writer of its tables' shape, and a
+        batch asks the same few questions about them a dozen times (3-15 ms each on chDB).
+        Outside a scope every question goes to the server, as another process may have
+        changed the answer.
+        """
+        if self._catalog is not None:
+            yield
+            return
+        self._catalog = {}
+        try:
+            yield
+        finally:
+            self._catalog = None
+
+    def _tables(self, database: str) -> dict[str, dict[str, str]]:
+        assert self._catalog is not None
+        tables = self._catalog.get(database)
+        if tables is None:
+            tables = {}
+            rows = self.query_rows(
+                "SELECT table, name, type FROM system.columns WHERE database = %(d)s",
+                {"d": database},
+            )
+            for table, name, kind in rows:
+                tables.setdefault(table, {})[name] = kind
+            self._catalog[database] = tables
+        return tables
+
+    def _saw(self, sql: str) -> None:
+        """Forget the catalog before a statement that may change it (backends call this)."""
+        if self._catalog and (sql.lstrip()[:10].split(None, 1) or [""])[0].upper() in DDL_WORDS:
+            self._catalog.clear()
 
     def holds_timestamp(self, text: str) -> bool:
         """Whether a UTC timestamp (`YYYY-MM-DD HH:MM:SS[.ffffff]`) survives a round trip.
@@ -132,6 +183,8 @@ class Warehouse(ABC):
 
     def create_database(self, database: str) -> None:
         sql = f"CREATE DATABASE IF NOT EXISTS {quote_ident(database)}"
+        if self._catalog is not None and self._tables(database):
+            return  # a database with tables exists
         if self.cluster is None:
             self.execute(sql)
         elif not self.scalar(

@@ -56,6 +56,8 @@ def create_table(wh: Warehouse, database: str, table: str, spec: TableSpec) -> N
     through ZooKeeper)."""
     c = wh.cluster
     if c is None:
+        if wh.knows_table(database, table):
+            return
         wh.execute(
             f"CREATE TABLE IF NOT EXISTS {qualified(database, table)} ({spec.columns})"
             f" ENGINE = {spec.engine}{spec.clauses}"

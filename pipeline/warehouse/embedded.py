@@ -140,6 +140,7 @@ class EmbeddedWarehouse(Warehouse):
         """Sessions live for the process (chDB cannot reopen another path), so this is a no-op."""
 
     def _query(self, sql: str, fmt: str) -> Any:
+        self._saw(sql)
         try:
             result = self._session.query(sql, fmt)
         except Exception as exc:

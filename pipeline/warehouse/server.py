@@ -93,6 +93,7 @@ class ServerWarehouse(Warehouse):
     def _run(self, sql: str, params: Any = None, **kwargs: Any) -> Any:
         from clickhouse_driver.errors import Error, NetworkError, SocketTimeoutError
 
+        self._saw(sql)
         try:
             return self._client.execute(sql, params, **kwargs)
         except Error as exc:

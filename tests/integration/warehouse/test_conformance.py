@@ -301,6 +301,27 @@ def test_table_exists_and_columns(wh: Warehouse, db: str) -> None:
     wh.create_database(db)  # idempotent
 
 
+def test_a_catalog_scope_answers_as_the_server_after_its_own_ddl(wh: Warehouse, db: str) -> None:
+    t, other = qualified(db, "scoped"), qualified(db, "renamed")
+    with wh.catalog_scope():
+        assert not wh.table_exists(db, "scoped") and not wh.knows_table(db, "scoped")
+        wh.execute(f"CREATE TABLE {t} (id UInt64, `we ird` String) ENGINE = MergeTree ORDER BY id")
+        assert wh.knows_table(db, "scoped")
+        assert wh.columns(db, "scoped") == {"id": "UInt64", "we ird": "String"}
+        wh.execute(f"ALTER TABLE {t} ADD COLUMN n Nullable(Int32)")
+        assert list(wh.columns(db, "scoped")) == ["id", "we ird", "n"]
+        wh.execute(f"RENAME TABLE {t} TO {other}")
+        assert not wh.table_exists(db, "scoped") and wh.table_exists(db, "renamed")
+        wh.create_database(f"{db}_x")  # a database without tables is still created
+        assert wh.scalar(
+            "SELECT count() FROM system.databases WHERE name = %(d)s", {"d": f"{db}_x"}
+        )
+        wh.execute(f"DROP DATABASE {quote_ident(db + '_x')}")
+        wh.execute(f"DROP TABLE {other}")
+        assert not wh.table_exists(db, "renamed") and wh.columns(db, "renamed") == {}
+    assert not wh.knows_table(db, "renamed")  # outside a scope it never answers from memory
+
+
 # --- timestamps ---------------------------------------------------------------------------------
 
 

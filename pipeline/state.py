@@ -11,10 +11,10 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from pipeline.core.errors import FailpointError
+from pipeline.core.errors import FailpointError, WarehouseError
 from pipeline.core.names import BATCHES, STATE
 from pipeline.warehouse import Warehouse, qualified
-from pipeline.warehouse.ddl import TableSpec, create_table
+from pipeline.warehouse.ddl import TableSpec, create_table, exists_seen, forget, insert_ensured
 
 
 def failpoint(name: str, where: str) -> None:
@@ -48,7 +48,6 @@ def mark_done(
 ) -> None:
     import pyarrow as pa
 
-    ensure_tables(wh, database)
     row = pa.table(
         {
             "entity": [entity],
@@ -61,19 +60,26 @@ def mark_done(
             "finished_at": pa.array([datetime.now(UTC)], pa.timestamp("us", "UTC")),
         }
     )
-    wh.insert_arrow(database, BATCHES, row)
+    insert_ensured(wh, database, BATCHES, row, lambda: ensure_tables(wh, database))
 
 
 def is_done(wh: Warehouse, database: str, entity: str, stage: str, batch_id: str) -> bool:
-    if not wh.table_exists(database, BATCHES):
+    """Whether a marker is there: Luigi asks this of every task, before and after it runs."""
+    if not exists_seen(wh, database, BATCHES):
         return False
-    return bool(
-        wh.scalar(
-            f"SELECT count() FROM {qualified(database, BATCHES)}"
-            " WHERE entity = %(e)s AND stage = %(s)s AND batch_id = %(b)s",
-            {"e": entity, "s": stage, "b": batch_id},
+    try:
+        return bool(
+            wh.scalar(
+                f"SELECT count() FROM {qualified(database, BATCHES)}"
+                " WHERE entity = %(e)s AND stage = %(s)s AND batch_id = %(b)s",
+                {"e": entity, "s": stage, "b": batch_id},
+            )
         )
-    )
+    except WarehouseError:
+        if wh.table_exists(database, BATCHES):
+            raise
+        forget(wh, database, BATCHES)  # dropped since it was seen
+        return False
 
 
 def last_done(wh: Warehouse, database: str, entity: str, stage: str) -> str | None:

@@ -26,7 +26,7 @@ from pipeline import runtime
 from pipeline.core import secrets
 from pipeline.core.names import BATCHES, RUNS
 from pipeline.warehouse import Warehouse, qualified
-from pipeline.warehouse.ddl import TableSpec, create_table
+from pipeline.warehouse.ddl import TableSpec, create_table, insert_ensured
 
 log = logging.getLogger("pipeline.audit")
 
@@ -85,7 +85,6 @@ def ensure_runs_table(wh: Warehouse, database: str) -> None:
 def write_run(wh: Warehouse, database: str, record: RunRecord) -> None:
     import pyarrow as pa
 
-    ensure_runs_table(wh, database)
     row = asdict(record)
     types = {
         "rows_in": pa.uint64(),
@@ -100,7 +99,7 @@ def write_run(wh: Warehouse, database: str, record: RunRecord) -> None:
         "pid": pa.uint32(),
     }
     columns = {name: pa.array([value], types.get(name, pa.string())) for name, value in row.items()}
-    wh.insert_arrow(database, RUNS, pa.table(columns))
+    insert_ensured(wh, database, RUNS, pa.table(columns), lambda: ensure_runs_table(wh, database))
 
 
 def newest_batch(wh: Warehouse, database: str) -> str | None:

@@ -9,13 +9,20 @@ that a crash between its steps leaves something a rerun completes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pipeline.core.errors import WarehouseError
 from pipeline.warehouse import cluster as cl
 from pipeline.warehouse.base import Warehouse
 from pipeline.warehouse.sql import qualified
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# bookkeeping tables this process has seen exist: (warehouse url, database, table)
+_SEEN: set[tuple[str, str, str]] = set()
 
 # database engines whose tables EXCHANGE TABLES can swap (Ordinary ones cannot)
 EXCHANGE_ENGINES = ("Atomic", "Replicated")
@@ -258,3 +265,39 @@ def delete_where(
         cl.ddl(wh, c, f"ALTER TABLE {q_table}{c.on} DELETE WHERE {where}", params)
         cl.wait_done(wh, c, database, table, where, params)
     return int(left)
+
+
+def exists_seen(wh: Warehouse, database: str, table: str) -> bool:
+    """Whether a table we never drop exists, asking the server until it has once said yes.
+
+    For the bookkeeping tables every task reads and writes a row of: a caller whose statement
+    then fails on a missing table (dropped since, by hand or by a test) calls `forget`.
+    """
+    key = (wh.url, database, table)
+    if key not in _SEEN:
+        if not wh.table_exists(database, table):
+            return False
+        _SEEN.add(key)
+    return True
+
+
+def forget(wh: Warehouse, database: str, table: str) -> None:
+    _SEEN.discard((wh.url, database, table))
+
+
+def insert_ensured(
+    wh: Warehouse, database: str, table: str, data: pa.Table, ensure: Callable[[], None]
+) -> None:
+    """Insert a bookkeeping row, creating the table (`ensure`) only when it is missing: one
+    statement instead of three once the table has been seen, and a dropped table comes back."""
+    if (wh.url, database, table) in _SEEN:
+        try:
+            wh.insert_arrow(database, table, data)
+            return
+        except WarehouseError:
+            if wh.table_exists(database, table):
+                raise
+            forget(wh, database, table)
+    ensure()
+    wh.insert_arrow(database, table, data)
+    _SEEN.add((wh.url, database, table))

@@ -21,7 +21,9 @@ import pytest
 
 from pipeline.core.errors import WarehouseError
 from pipeline.core.hashing import encode_key
+from pipeline.core.names import BATCHES
 from pipeline.snapshot.plan import scd_id_sql
+from pipeline.state import StageResult, is_done, mark_done
 from pipeline.warehouse import (
     Warehouse,
     arrow_to_clickhouse,
@@ -398,6 +400,19 @@ def test_wait_mutations_returns_once_a_delete_is_done(wh: Warehouse, db: str) ->
         {"d": db},
     )
     assert pending == 0
+
+
+def test_markers_survive_their_table_being_dropped_and_come_back(wh: Warehouse, db: str) -> None:
+    """Once seen, the bookkeeping tables are not looked up again; a drop is noticed."""
+    done = StageResult(rows_in=3)
+    assert not is_done(wh, db, "e", "raw", "b1")
+    mark_done(wh, db, "e", "raw", "b1", done)
+    assert is_done(wh, db, "e", "raw", "b1") and not is_done(wh, db, "e", "raw", "b2")
+    wh.execute(f"DROP TABLE {qualified(db, BATCHES)}")
+    assert not is_done(wh, db, "e", "raw", "b1")
+    mark_done(wh, db, "e", "raw", "b2", done)  # the table is created again
+    assert is_done(wh, db, "e", "raw", "b2") and not is_done(wh, db, "e", "raw", "b1")
+    assert wh.scalar(f"SELECT sum(rows_in) FROM {qualified(db, BATCHES)}") == 3
 
 
 def test_delete_where_counts_what_it_deletes(wh: Warehouse, db: str) -> None:

@@ -26,7 +26,7 @@ from pipeline.snapshot.changes import ChangeDiff, diff_changes
 from pipeline.snapshot.diff import spec_for
 from pipeline.snapshot.invariants import BUCKET_ROWS, FULL_CHECK_SHARE, check_invariants
 from pipeline.snapshot.merge import Batch, check_order, park, prepare
-from pipeline.snapshot.plan import Parking, groups
+from pipeline.snapshot.plan import groups
 from pipeline.snapshot.storage import Names, effective_time
 from pipeline.state import StageResult, failpoint
 from pipeline.warehouse import Warehouse, qualified
@@ -65,13 +65,15 @@ class Parked:
         self.ended_in_batch = 0
         self.created = False
 
-    def add(self, bucket: int, d: ChangeDiff) -> None:
+    def add(self, bucket: int, d: ChangeDiff, current: pa.Table) -> None:
         import pyarrow as pa
 
         if d.empty:
             return
+        names = self.sql.plan.names
         if not self.created:
-            for statement in self.sql.create_sqls():
+            stored = self.wh.columns(names.database, names.storage)
+            for statement in self.sql.create_sqls(stored):
                 self.wh.execute(statement)
             self.created = True
         flags = {"_tombstone", "_replaces"}
@@ -79,10 +81,10 @@ class Parked:
         for name in flags:
             index = opened.column_names.index(name)
             opened = opened.set_column(index, name, opened.column(name).cast(pa.uint8()))
-        closed = d.closed.append_column(
+        closed = _whole(current, d.closed).append_column(
             "_tombstone", pa.repeat(pa.scalar(0, pa.uint8()), d.closed.num_rows)
         )
-        database = self.sql.plan.names.database
+        database = names.database
         park(self.wh, database, self.sql.open_table, opened, bucket, self.opened)
         park(self.wh, database, self.sql.close_table, closed, bucket, self.closed)
         self.ended_in_batch += d.opened.num_rows - d.opened.column("dbt_valid_to").null_count
@@ -91,6 +93,16 @@ class Parked:
         if self.created:
             for statement in self.sql.drop_sqls():
                 self.wh.execute(statement)
+
+
+def _whole(current: pa.Table, closed: pa.Table) -> pa.Table:
+    """The stored rows the batch closes (`current` holds one row per key, so one per
+    dbt_scd_id), with where each now ends."""
+    import pyarrow as pa
+
+    row_of = {scd_id: row for row, scd_id in enumerate(current.column("dbt_scd_id").to_pylist())}
+    rows = pa.array([row_of[s] for s in closed.column("dbt_scd_id").to_pylist()], pa.int64())
+    return current.take(rows).append_column("_new_valid_to", closed.column("_new_valid_to"))
 
 
 def _diff(
@@ -115,7 +127,7 @@ def _diff(
         ended: pa.Table | None = wh.query_arrow(ended_sql, plan.params) if ended_sql else None
         at = batch_ts or batch_time(plan.batch_id)  # unused when every change has its time
         d = diff_changes(spec, current, changes, at, plan.entity.collapse, ended, step)
-        parked.add(bucket, d)
+        parked.add(bucket, d, current)
 
 
 def _refuse_null_keys(entity: Entity, changes: pa.Table, batch_id: str) -> None:
@@ -144,10 +156,8 @@ def _write(wh: Warehouse, batch: Batch, sql: ChangePlan, parked: Parked, bucket_
             wh.execute(sql.open_sql(columns, group, tombstone=True), params)
             wh.execute(sql.stored_tombstone_sql(stored, group), params)
     failpoint("snapshot-after-open", f"{names.storage} batch {plan.batch_id}")
-    # the closes are the full merge's statement; they take no batch time
-    closing = Parking(plan, batch.key_types, wh.features.timestamp_type, "NULL")
     for group in groups(parked.closed, bucket_rows):
-        wh.execute(closing.copy_sql(group, stored, closing.close_columns), params)
+        wh.execute(sql.close_sql(stored, group), params)
 
 
 def _verify(wh: Warehouse, batch: Batch, sql: ChangePlan, touched: int, bucket_rows: int) -> None:

@@ -69,11 +69,9 @@ class ChangePlan:
         return f"{fingerprint} IN (SELECT {fingerprint} {self.plan.raw_rows(where)})"
 
     def current_sql(self, where: str) -> str:
-        """The live (or deletion) version of each key the batch changes."""
-        cols = [self.keys, "dbt_scd_id", "_hash", "dbt_valid_from", "dbt_updated_at", "_opened_by"]
-        if self.plan.entity.hard_deletes == "new_record":
-            cols.append("dbt_is_deleted")
-        return f"SELECT {', '.join(cols)} {self.plan.history(where)} AND {self._in_batch(where)}"
+        """The live (or deletion) version of each key the batch changes, whole: a version the
+        batch closes is written back from this row, not read from storage again."""
+        return f"SELECT * {self.plan.history(where)} AND {self._in_batch(where)}"
 
     def ended_sql(self, where: str) -> str | None:
         """Where the closed history of each changed key ended (keys invalidated earlier)."""
@@ -86,15 +84,27 @@ class ChangePlan:
             f" AND {where} AND {self._in_batch(where)} GROUP BY {self.keys}"
         )
 
-    def create_sqls(self) -> list[str]:
+    def create_sqls(self, stored: dict[str, str]) -> list[str]:
+        """Parking for opened versions (keys and times) and for closed ones (whole stored rows,
+        `stored`: storage's column -> type, and where each now ends)."""
         ts = self.timestamp_type
         keys = ", ".join(f"{quote_ident(k)} {t}" for k, t in self.key_types.items())
         opened = ", ".join(c.format(ts=ts) for c in OPEN_COLUMNS)
+        rows = ", ".join(f"{quote_ident(c)} {t}" for c, t in stored.items())
         tables = {
             self.open_table: f"{keys}, {opened}",
-            self.close_table: f"{keys}, dbt_scd_id String, _new_valid_to {ts}, _tombstone UInt8",
+            self.close_table: f"{rows}, _new_valid_to {ts}, _tombstone UInt8",
         }
         return parking_sqls({self.q(table): columns for table, columns in tables.items()})
+
+    def close_sql(self, stored: list[str], group: list[int]) -> str:
+        """Closed versions: their parked stored rows, ending at `_new_valid_to`."""
+        overrides = {"dbt_valid_to": "_new_valid_to", "_closed_by": "%(b)s", "_version": "%(v)s"}
+        select = ", ".join(overrides.get(c, quote_ident(c)) for c in stored)
+        return (
+            f"INSERT INTO {self.plan.names.q_storage} ({', '.join(map(quote_ident, stored))})"
+            f" SELECT {select} FROM {self.q(self.close_table)} WHERE _bucket IN ({ints(group)})"
+        )
 
     def drop_sqls(self) -> list[str]:
         return [f"DROP TABLE IF EXISTS {self.q(t)}" for t in (self.open_table, self.close_table)]

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pipeline.core.errors import FailpointError, WarehouseError
 from pipeline.core.names import BATCHES, STATE
 from pipeline.warehouse import Warehouse, qualified
-from pipeline.warehouse.ddl import TableSpec, create_table, exists_seen, forget, insert_ensured
+from pipeline.warehouse.ddl import TableSpec, create_table, exists_seen, insert_ensured, vanished
 
 
 def failpoint(name: str, where: str) -> None:
@@ -76,9 +76,8 @@ def is_done(wh: Warehouse, database: str, entity: str, stage: str, batch_id: str
             )
         )
     except WarehouseError:
-        if wh.table_exists(database, BATCHES):
+        if not vanished(wh, database, BATCHES):  # dropped since it was seen: not done
             raise
-        forget(wh, database, BATCHES)  # dropped since it was seen
         return False
 
 

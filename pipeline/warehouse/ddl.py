@@ -271,7 +271,7 @@ def exists_seen(wh: Warehouse, database: str, table: str) -> bool:
     """Whether a table we never drop exists, asking the server until it has once said yes.
 
     For the bookkeeping tables every task reads and writes a row of: a caller whose statement
-    then fails on a missing table (dropped since, by hand or by a test) calls `forget`.
+    then fails on a missing table (dropped since, by hand or by a test) asks `vanished`.
     """
     key = (wh.url, database, table)
     if key not in _SEEN:
@@ -281,8 +281,12 @@ def exists_seen(wh: Warehouse, database: str, table: str) -> bool:
     return True
 
 
-def forget(wh: Warehouse, database: str, table: str) -> None:
+def vanished(wh: Warehouse, database: str, table: str) -> bool:
+    """After a statement on a seen table failed: whether the table is gone (and so forgotten)."""
+    if wh.table_exists(database, table):
+        return False
     _SEEN.discard((wh.url, database, table))
+    return True
 
 
 def insert_ensured(
@@ -295,9 +299,8 @@ def insert_ensured(
             wh.insert_arrow(database, table, data)
             return
         except WarehouseError:
-            if wh.table_exists(database, table):
+            if not vanished(wh, database, table):
                 raise
-            forget(wh, database, table)
     ensure()
     wh.insert_arrow(database, table, data)
     _SEEN.add((wh.url, database, table))

@@ -77,7 +77,7 @@ class RawStates:
         table = self.wh.query_arrow(
             f"SELECT {columns}, {OP}, _batch_id"
             f" FROM {qualified(self.database, self.entity.raw_table)}"
-            " WHERE `_id` IN %(ids)s"
+            " PREWHERE `_id` IN %(ids)s"  # the other columns are read for those rows only
             f" ORDER BY _batch_id DESC, {SEQ} DESC LIMIT 1 BY `_id`",
             {"ids": tuple(stored)},
         )

@@ -27,10 +27,10 @@ def apply(
     storage exists: a quiet batch costs two queries, not a merge's preparation.
     """
     if entity.captures_changes:
-        rows, scanned = batch_rows(wh, database, entity, batch_id)
+        counts = batch_rows(wh, database, entity, batch_id)
         storage = (names or Names.of(database, entity)).storage
-        if not rows and wh.table_exists(database, storage):
+        if not counts.rows and wh.table_exists(database, storage):
             return StageResult()
-        if not scanned:
-            return apply_change_batch(wh, database, entity, batch_id, names, bucket_rows)
+        if not counts.scanned:
+            return apply_change_batch(wh, database, entity, batch_id, names, bucket_rows, counts)
     return apply_batch(wh, database, entity, batch_id, force_deletes, names, bucket_rows)

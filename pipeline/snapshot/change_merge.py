@@ -14,12 +14,14 @@ batch is read by batch ids, and writing the same versions again is absorbed by t
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from pipeline.config import Entity
 from pipeline.core.batch import batch_time
 from pipeline.core.errors import InvariantError, SnapshotError
+from pipeline.core.hashing import check_signature
 from pipeline.core.names import OP, SCAN_OP
 from pipeline.snapshot.change_plan import ChangePlan
 from pipeline.snapshot.changes import ChangeDiff, diff_changes
@@ -37,22 +39,27 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 
-def batch_rows(wh: Warehouse, database: str, entity: Entity, batch_id: str) -> tuple[int, int]:
-    """A change entity's raw rows of the batch, and how many of them are a whole re-read (a
-    first load or a resync), which the full-scan merge applies instead of the change merge."""
+@dataclass(frozen=True)
+class BatchRows:
+    """A change entity's raw rows of a batch: all, a whole re-read's (a first load or a
+    resync, which the full-scan merge applies instead), and those hashed for other
+    `check_cols` (none once the load side has rehashed the batch)."""
+
+    rows: int = 0
+    scanned: int = 0
+    stale: int = 0
+
+
+def batch_rows(wh: Warehouse, database: str, entity: Entity, batch_id: str) -> BatchRows:
+    """One count of the batch's rows answers what `apply` and the merge would ask apart."""
     if not wh.table_exists(database, entity.raw_table):
-        return 0, 0
+        return BatchRows()
     rows = wh.query_rows(
-        f"SELECT count(), countIf({OP} = %(op)s) FROM {qualified(database, entity.raw_table)}"
-        " WHERE _batch_id = %(b)s",
-        {"b": batch_id, "op": SCAN_OP},
+        f"SELECT count(), countIf({OP} = %(op)s), countIf(_check_cols != %(s)s)"
+        f" FROM {qualified(database, entity.raw_table)} WHERE _batch_id = %(b)s",
+        {"b": batch_id, "op": SCAN_OP, "s": check_signature(entity.check_cols)},
     )
-    return int(rows[0][0]), int(rows[0][1])
-
-
-def is_scan_batch(wh: Warehouse, database: str, entity: Entity, batch_id: str) -> bool:
-    """Whether a change entity's batch is a whole re-read (see `batch_rows`)."""
-    return batch_rows(wh, database, entity, batch_id)[1] > 0
+    return BatchRows(*(int(n or 0) for n in rows[0]))
 
 
 class Parked:
@@ -183,18 +190,21 @@ def apply_change_batch(
     batch_id: str,
     names: Names | None = None,
     bucket_rows: int = BUCKET_ROWS,
+    counts: BatchRows | None = None,
 ) -> StageResult:
-    """Apply one loaded batch of changes to the entity's history, in batch order."""
+    """Apply one loaded batch of changes to the entity's history, in batch order (`counts`:
+    the batch's `batch_rows`, where the caller has them)."""
     if names is None:
         names = Names.of(database, entity)
         if not check_order(wh, database, entity, batch_id):
             return StageResult()
-    batch = prepare(wh, database, entity, batch_id, names)
+    counted = counts if counts is not None else batch_rows(wh, database, entity, batch_id)
+    batch = prepare(wh, database, entity, batch_id, names, stale=counted.stale)
     if batch is None or not batch.plan.has_raw:
         return StageResult()
     plan = batch.plan
     sql = ChangePlan(plan, batch.key_types, wh.features.timestamp_type)
-    rows_in = int(wh.scalar(sql.count_sql(), plan.params) or 0)
+    rows_in = counted.rows  # every row is hashed for the current check_cols (prepare refused)
     if not rows_in:
         return StageResult()
     buckets = Buckets.sized(rows_in, bucket_rows, entity.unique_key)

@@ -51,9 +51,6 @@ class ChangePlan:
     def q(self, table: str) -> str:
         return qualified(self.plan.names.database, table)
 
-    def count_sql(self) -> str:
-        return f"SELECT count() {self.plan.raw_rows('1')}"
-
     def changes_sql(self, where: str) -> str:
         """The batch's changes: key, order, operation, change hash, time (and updated_at)."""
         entity = self.plan.entity
@@ -71,7 +68,7 @@ class ChangePlan:
     def current_sql(self, where: str) -> str:
         """The live (or deletion) version of each key the batch changes, whole: a version the
         batch closes is written back from this row, not read from storage again."""
-        return f"SELECT * {self.plan.history(where)} AND {self._in_batch(where)}"
+        return f"SELECT * {self.plan.history_of(self._in_batch(where), where)}"
 
     def ended_sql(self, where: str) -> str | None:
         """Where the closed history of each changed key ended (keys invalidated earlier)."""

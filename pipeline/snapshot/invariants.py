@@ -94,8 +94,9 @@ def check_invariants(
     if keys is not None:
         key_cols = ", ".join(quote_ident(k) for k in entity.unique_key)
         member = scratch_in(wh)  # the subquery may read this node's parking tables
+        # PREWHERE: a key's versions pass together, so FINAL is unchanged (see Plan.history_of)
         return invariant_violations(
-            spec, wh.query_arrow(f"{select} WHERE ({key_cols}) {member} ({keys})")
+            spec, wh.query_arrow(f"{select} PREWHERE ({key_cols}) {member} ({keys})")
         )
     total = int(wh.scalar(f"SELECT count() FROM {names.q_storage}") or 0)
     buckets = Buckets.sized(total, bucket_rows, entity.unique_key)

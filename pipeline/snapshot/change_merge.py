@@ -3,8 +3,10 @@
     order      batches apply in batch order (as in `merge`)
     prepare    storage, view and settings ready (as in `merge`)
     diff       bucket by bucket: the batch's changes and each touched key's live version reach
-               `changes.diff_changes`, which parks the versions to open and close
-    write      opens copied from their change rows, deletion versions, then closes
+               `changes.diff_changes`, which finds the versions to open and close
+    write      on chDB, each bucket's versions straight from Arrow (`Direct`); elsewhere every
+               bucket is parked first, then opens copied from their change rows, deletion
+               versions, then closes (`Parked`, `_write`)
     verify     the invariants of the keys the batch touched
 
 A rerun of a crashed batch is exact for the same reason as in `merge`: the history before the
@@ -22,8 +24,9 @@ from pipeline.config import Entity
 from pipeline.core.batch import batch_time
 from pipeline.core.errors import InvariantError, SnapshotError
 from pipeline.core.hashing import check_signature
-from pipeline.core.names import OP, SCAN_OP
+from pipeline.core.names import CHANGE_TIME, OP, SCAN_OP, SEQ
 from pipeline.snapshot.change_plan import ChangePlan
+from pipeline.snapshot.change_versions import closed_rows, opened_rows, stored_closed
 from pipeline.snapshot.changes import ChangeDiff, diff_changes
 from pipeline.snapshot.diff import spec_for
 from pipeline.snapshot.invariants import BUCKET_ROWS, FULL_CHECK_SHARE, check_invariants
@@ -63,18 +66,23 @@ def batch_rows(wh: Warehouse, database: str, entity: Entity, batch_id: str) -> B
 
 
 class Parked:
-    """A change batch's versions parked per bucket until every bucket is diffed."""
+    """A change batch's versions parked per bucket until every bucket is diffed, then copied
+    into storage by SQL (`_write`): the way of a warehouse that cannot read Arrow in SQL."""
 
-    def __init__(self, wh: Warehouse, sql: ChangePlan) -> None:
-        self.wh, self.sql = wh, sql
+    def __init__(self, wh: Warehouse, batch: Batch, sql: ChangePlan) -> None:
+        self.wh, self.batch, self.sql = wh, batch, sql
         self.opened: dict[int, int] = {}
         self.closed: dict[int, int] = {}
         self.ended_in_batch = 0
         self.created = False
 
+    def changes(self, where: str) -> pa.Table:
+        return self.wh.query_arrow(self.sql.changes_sql(where), self.sql.plan.params)
+
     def add(self, bucket: int, d: ChangeDiff, current: pa.Table) -> None:
         import pyarrow as pa
 
+        self.ended_in_batch += d.opened.num_rows - d.opened.column("dbt_valid_to").null_count
         if d.empty:
             return
         names = self.sql.plan.names
@@ -88,13 +96,17 @@ class Parked:
         for name in flags:
             index = opened.column_names.index(name)
             opened = opened.set_column(index, name, opened.column(name).cast(pa.uint8()))
-        closed = _whole(current, d.closed).append_column(
+        closed = stored_closed(current, d.closed).append_column(
             "_tombstone", pa.repeat(pa.scalar(0, pa.uint8()), d.closed.num_rows)
         )
         database = names.database
         park(self.wh, database, self.sql.open_table, opened, bucket, self.opened)
         park(self.wh, database, self.sql.close_table, closed, bucket, self.closed)
-        self.ended_in_batch += d.opened.num_rows - d.opened.column("dbt_valid_to").null_count
+
+    def finish(self, bucket_rows: int) -> str:
+        """Write what is parked; the subquery of the keys it touched."""
+        _write(self.wh, self.batch, self.sql, self, bucket_rows)
+        return self.sql.touched_keys_sql()
 
     def drop(self) -> None:
         if self.created:
@@ -102,20 +114,80 @@ class Parked:
                 self.wh.execute(statement)
 
 
-def _whole(current: pa.Table, closed: pa.Table) -> pa.Table:
-    """The stored rows the batch closes (`current` holds one row per key, so one per
-    dbt_scd_id), with where each now ends."""
-    import pyarrow as pa
+class Direct:
+    """A change batch's versions written bucket by bucket straight from the Arrow rows the
+    diff read (`change_versions`), where the warehouse reads Arrow in SQL (chDB): no parking
+    tables, no copy from raw. Buckets hold distinct keys and the history before the batch is
+    read by batch ids, so writing one bucket changes no other's diff, and a rerun of a crashed
+    batch writes the same versions again (absorbed by the key, as in `_write`)."""
 
-    row_of = {scd_id: row for row, scd_id in enumerate(current.column("dbt_scd_id").to_pylist())}
-    rows = pa.array([row_of[s] for s in closed.column("dbt_scd_id").to_pylist()], pa.int64())
-    return current.take(rows).append_column("_new_valid_to", closed.column("_new_valid_to"))
+    def __init__(self, wh: Warehouse, batch: Batch, sql: ChangePlan) -> None:
+        self.wh, self.batch, self.sql = wh, batch, sql
+        names = sql.plan.names
+        self.stored = list(wh.columns(names.database, names.storage))
+        self.source = [c for c in batch.source if c in self.stored]
+        self.opened: dict[int, int] = {}
+        self.closed: dict[int, int] = {}
+        self.ended_in_batch = 0
+        self.version = time.time_ns()
+        self._rows: pa.Table | None = None
+
+    def changes(self, where: str) -> pa.Table:
+        """The bucket's change rows whole (kept for `add`), as `changes_sql` names them."""
+        import pyarrow as pa
+
+        entity = self.sql.plan.entity
+        rows = self.wh.query_arrow(self.sql.rows_sql(self.source, where), self.sql.plan.params)
+        self._rows = rows
+        wanted = {k: k for k in entity.unique_key}
+        wanted |= {SEQ: SEQ, OP: OP, "_check_hash": "_hash", CHANGE_TIME[entity.mode]: "_time"}
+        if entity.strategy == "timestamp":
+            assert entity.updated_at is not None
+            wanted[entity.updated_at] = entity.updated_at
+        return pa.table({new: rows.column(old) for old, new in wanted.items()})
+
+    def add(self, bucket: int, d: ChangeDiff, current: pa.Table) -> None:
+        self.ended_in_batch += d.opened.num_rows - d.opened.column("dbt_valid_to").null_count
+        if d.empty:
+            return
+        assert self._rows is not None, "changes() reads the bucket first"
+        plan, wh = self.sql.plan, self.wh
+        names, entity = plan.names, plan.entity
+        opened = opened_rows(
+            d.opened,
+            self._rows,
+            current,
+            list(entity.unique_key),
+            self.source,
+            plan.batch_id,
+            self.version,
+            entity.hard_deletes == "new_record",
+        )
+        columns = self.sql.opened_columns(self.source)
+        for table in opened:
+            wh.insert_select(names.database, names.storage, table, columns)
+        self.opened[bucket] = d.opened.num_rows
+        failpoint("snapshot-after-open", f"{names.storage} batch {plan.batch_id}")
+        closed = closed_rows(d.closed, current, self.stored, plan.batch_id, self.version)
+        wh.insert_arrow(names.database, names.storage, closed)
+        self.closed[bucket] = closed.num_rows
+        self._rows = None
+
+    def finish(self, bucket_rows: int) -> str:
+        """Nothing is left to write; the keys touched are among the batch's."""
+        return self.sql.batch_keys_sql()
+
+    def drop(self) -> None:
+        """Nothing was parked."""
+
+
+Writer = Parked | Direct
 
 
 def _diff(
-    wh: Warehouse, batch: Batch, sql: ChangePlan, buckets: Buckets, parked: Parked, step: int
+    wh: Warehouse, batch: Batch, sql: ChangePlan, buckets: Buckets, writer: Writer, step: int
 ) -> None:
-    """Diff each bucket's changes against its keys' live versions and park the result."""
+    """Diff each bucket's changes against its keys' live versions and hand the result on."""
     plan = batch.plan
     spec = spec_for(plan.entity)
     # the batch time places only changes without a time of their own (first-load rows); it
@@ -123,7 +195,7 @@ def _diff(
     batch_ts: datetime | None = None
     for bucket in range(buckets.count):
         where = buckets.where(bucket)
-        changes = wh.query_arrow(sql.changes_sql(where), plan.params)
+        changes = writer.changes(where)
         if not changes.num_rows:
             continue
         _refuse_null_keys(plan.entity, changes, plan.batch_id)
@@ -134,7 +206,7 @@ def _diff(
         ended: pa.Table | None = wh.query_arrow(ended_sql, plan.params) if ended_sql else None
         at = batch_ts or batch_time(plan.batch_id)  # unused when every change has its time
         d = diff_changes(spec, current, changes, at, plan.entity.collapse, ended, step)
-        parked.add(bucket, d, current)
+        writer.add(bucket, d, current)
 
 
 def _refuse_null_keys(entity: Entity, changes: pa.Table, batch_id: str) -> None:
@@ -167,13 +239,13 @@ def _write(wh: Warehouse, batch: Batch, sql: ChangePlan, parked: Parked, bucket_
         wh.execute(sql.close_sql(stored, group), params)
 
 
-def _verify(wh: Warehouse, batch: Batch, sql: ChangePlan, touched: int, bucket_rows: int) -> None:
+def _verify(wh: Warehouse, batch: Batch, touched: int, keys_sql: str, bucket_rows: int) -> None:
     plan = batch.plan
     # versions not known to be closed, counted before the batch without FINAL: at least the
     # live ones, so a batch that touched few keys is checked on those keys only, at the cost
     # of the changes (a FINAL count would read the whole history every batch)
     few = touched <= FULL_CHECK_SHARE * max(batch.current_rows, 1)
-    keys = render(sql.touched_keys_sql(), plan.params) if few else None
+    keys = render(keys_sql, plan.params) if few else None
     problems = check_invariants(wh, plan.names, plan.entity, keys, bucket_rows)
     if problems:
         raise InvariantError(
@@ -209,17 +281,17 @@ def apply_change_batch(
         return StageResult()
     buckets = Buckets.sized(rows_in, bucket_rows, entity.unique_key)
     step = 1 if wh.features.datetime64 else 1_000_000
-    parked = Parked(wh, sql)
+    writer: Writer = (Direct if wh.reads_arrow_in_sql else Parked)(wh, batch, sql)
     try:
-        _diff(wh, batch, sql, buckets, parked, step)
-        touched = sum(parked.opened.values()) + sum(parked.closed.values())
+        _diff(wh, batch, sql, buckets, writer, step)
+        touched = sum(writer.opened.values()) + sum(writer.closed.values())
         if touched:
-            _write(wh, batch, sql, parked, bucket_rows)
-            _verify(wh, batch, sql, touched, bucket_rows)
+            keys_sql = writer.finish(bucket_rows)
+            _verify(wh, batch, touched, keys_sql, bucket_rows)
     finally:
-        parked.drop()
-    opened = sum(parked.opened.values())
-    closed = sum(parked.closed.values()) + parked.ended_in_batch
+        writer.drop()
+    opened = sum(writer.opened.values())
+    closed = sum(writer.closed.values()) + writer.ended_in_batch
     return StageResult(
         rows_in=rows_in, rows_out=opened, versions_opened=opened, versions_closed=closed
     )

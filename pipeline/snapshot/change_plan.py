@@ -61,6 +61,31 @@ class ChangePlan:
             cols.append(quote_ident(entity.updated_at))
         return f"SELECT {', '.join(cols)} {self.plan.raw_rows(where)}"
 
+    def rows_sql(self, source: list[str], where: str) -> str:
+        """The batch's changes whole: the source columns an opened version copies, and what
+        `changes_sql` reads under raw names (for versions written straight from Arrow)."""
+        time = quote_ident(CHANGE_TIME[self.plan.entity.mode])
+        cols = dict.fromkeys([*map(quote_ident, source), SEQ, OP, "_check_hash", time])
+        return f"SELECT {', '.join(cols)} {self.plan.raw_rows(where)}"
+
+    def opened_columns(self, source: list[str]) -> dict[str, str]:
+        """Storage column -> expression over an opened version's row (its source columns and
+        meta columns, with `_keep_scd_id` where it keeps a stored id): the id is computed here,
+        as in `open_sql`, so it is the same text whichever way a version is written."""
+        valid_from = f"CAST(dbt_valid_from AS {self.timestamp_type})"
+        new_id = scd_id_sql(self.plan.entity.unique_key, valid_from)
+        meta = ["dbt_updated_at", "dbt_valid_from", "dbt_valid_to", "_hash"]
+        meta += ["_opened_by", "_closed_by", "_version"]
+        if self.plan.entity.hard_deletes == "new_record":
+            meta.append("dbt_is_deleted")
+        columns = {c: quote_ident(c) for c in [*source, *meta]}
+        columns["dbt_scd_id"] = f"ifNull(_keep_scd_id, {new_id})"
+        return columns
+
+    def batch_keys_sql(self) -> str:
+        """Every key the batch changes (the keys a merge without parking touched, and more)."""
+        return f"SELECT {self.keys} {self.plan.raw_rows('1')}"
+
     def _in_batch(self, where: str) -> str:
         fingerprint = self.plan.fingerprint
         return f"{fingerprint} IN (SELECT {fingerprint} {self.plan.raw_rows(where)})"

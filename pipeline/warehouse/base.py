@@ -89,6 +89,16 @@ class Warehouse(ABC):
     def insert_arrow(self, database: str, table: str, data: pa.Table) -> None:
         """Insert an Arrow table column-wise; columns are matched by name."""
 
+    # whether `insert_select` can compute columns over an Arrow table in one statement
+    reads_arrow_in_sql = False
+
+    def insert_select(
+        self, database: str, table: str, data: pa.Table, columns: dict[str, str]
+    ) -> None:
+        """Insert rows computed by SQL over `data` (target column -> expression over its
+        columns), where `reads_arrow_in_sql`; elsewhere a caller parks the rows instead."""
+        raise NotImplementedError(f"{type(self).__name__} cannot read Arrow in SQL")
+
     @abstractmethod
     def close(self) -> None: ...
 

@@ -136,6 +136,20 @@ class EmbeddedWarehouse(Warehouse):
             "CSV",
         )
 
+    reads_arrow_in_sql = True
+
+    def insert_select(
+        self, database: str, table: str, data: pa.Table, columns: dict[str, str]
+    ) -> None:
+        if data.num_rows == 0:
+            return
+        arrow_input = data  # noqa: F841 -- read by name by chDB's Python() table function
+        self._query(
+            f"INSERT INTO {qualified(database, table)} ({', '.join(map(quote_ident, columns))})"
+            f" SELECT {', '.join(columns.values())} FROM Python(arrow_input)",
+            "CSV",
+        )
+
     def close(self) -> None:
         """Sessions live for the process (chDB cannot reopen another path), so this is a no-op."""
 

@@ -201,3 +201,33 @@ def test_collapse_keeps_one_state_per_key_and_batch(wh: Warehouse) -> None:
         got = view(wh, database, e)
     assert [(r[0], r[1]) for r in got] == [(1, "c")]
     assert got == [tuple(r) for r in oracle.history()]
+
+
+def stored_rows(wh: Warehouse, database: str, e: Entity) -> list[tuple[Any, ...]]:
+    """Storage as FINAL reads it, every column but the write's `_version`."""
+    storage = Names.of(database, e).q_storage
+    table = wh.query_arrow(f"SELECT * FROM {storage} FINAL").drop_columns(["_version"])
+    return sorted(tuple(map(str, row.values())) for row in table.to_pylist())
+
+
+@pytest.mark.parametrize("hard_deletes", ["ignore", "invalidate", "new_record"])
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(batches=BATCHES)
+def test_versions_written_from_arrow_equal_the_parked_ones(
+    wh: Warehouse, hard_deletes: str, batches: list[list[tuple[int, str, str, int]]]
+) -> None:
+    """chDB writes a change batch's versions straight from Arrow; a warehouse that cannot
+    read Arrow in SQL parks them and copies them by SQL: both give the same rows, ids too."""
+    if not wh.reads_arrow_in_sql:
+        pytest.skip("this warehouse only parks")
+    e = entity(hard_deletes)
+    with scratch_database(wh) as direct:
+        run(wh, direct, e, timed(batches))
+        want = stored_rows(wh, direct, e)
+    with (
+        mock.patch.object(type(wh), "reads_arrow_in_sql", False),
+        scratch_database(wh) as parked,
+    ):
+        run(wh, parked, e, timed(batches))
+        got = stored_rows(wh, parked, e)
+    assert got == want

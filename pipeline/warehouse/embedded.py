@@ -129,12 +129,7 @@ class EmbeddedWarehouse(Warehouse):
                 f"INSERT INTO {qualified(database, table)} ({names}) VALUES {values}", "CSV"
             )
             return
-        arrow_input = data  # noqa: F841 -- read by name by chDB's Python() table function
-        self._query(
-            f"INSERT INTO {qualified(database, table)} ({names})"
-            f" SELECT {names} FROM Python(arrow_input)",
-            "CSV",
-        )
+        self.insert_select(database, table, data, {n: quote_ident(n) for n in data.column_names})
 
     reads_arrow_in_sql = True
 
